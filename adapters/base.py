@@ -1,0 +1,197 @@
+"""The adapter contract: the one small interface every transport implements.
+
+An adapter wraps one collective library (Gloo, our shm transport, MPI, NCCL and its
+clones, a vendor's torch backend) for the ranks of one communicator. It sees only
+flat, contiguous tensors on one device and NCCL-like calls; everything else (lists,
+uneven sizes, AVG/PREMUL_SUM emulation, bool/complex, validation, routing by device)
+is the core's job. An adapter knows nothing about torch.distributed's process groups.
+
+Data-movement ops (allgather, broadcast, gather, scatter, alltoall(v), send, recv)
+receive uint8 byte views, so adapters need no dtype logic for them; reductions
+receive the real dtype, restricted to ``capabilities.reduce_dtypes`` and
+``capabilities.reduce_ops``. In-place calls pass the same tensor (or, for
+allgather/reducescatter, the NCCL in-place layout) as send and recv.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from ..types import ReduceOp
+
+ADAPTER_API_VERSION = 1
+"""Version of this contract; plugins declare the version they implement."""
+
+ALL_OPS = frozenset(
+    {
+        "allreduce",
+        "allgather",
+        "reducescatter",
+        "broadcast",
+        "reduce",
+        "gather",
+        "scatter",
+        "alltoall",
+        "alltoallv",
+        "send",
+        "recv",
+        "barrier",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter declares it can do; the core checks calls against it before dispatch."""
+
+    devices: frozenset[str]
+    """torch device types whose tensors the adapter moves ("cpu", "cuda", "npu", ...)."""
+    reduce_dtypes: frozenset[torch.dtype]
+    """dtypes allowed in allreduce / reducescatter / reduce."""
+    reduce_ops: frozenset[ReduceOp]
+    """Reduce ops computed natively (the core emulates AVG and PREMUL_SUM on top of SUM)."""
+    ops: frozenset[str] = ALL_OPS
+    """Collective names from ALL_OPS the adapter implements."""
+    any_source: bool = False
+    """recv(peer=None) receives from whichever rank sends first."""
+    stream_ordered: bool = False
+    """Ops are enqueued on a device stream (CUDA-like) instead of completing on the host."""
+
+
+class Handle(abc.ABC):
+    """A posted operation.
+
+    ``wait`` completes it: on host adapters it blocks until the data is in place;
+    on stream-ordered adapters it makes the caller's current stream wait for it.
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Complete the operation or raise a FlagcxError."""
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once the operation has finished (never blocks)."""
+
+    def source(self) -> int:
+        """The sending rank of a completed any-source recv."""
+        raise NotImplementedError
+
+
+class _Done(Handle):
+    __slots__ = ()
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        return None
+
+    def done(self) -> bool:
+        return True
+
+
+DONE: Handle = _Done()
+"""The handle of an operation that completed before the call returned."""
+
+
+@dataclass
+class AdapterContext:
+    """What an adapter is built from: the ranks of one communicator and a store private to this adapter."""
+
+    store: Any
+    """A torch.distributed Store (already prefixed: keys are private to this adapter instance)."""
+    rank: int
+    size: int
+    timeout: float
+    """Seconds any blocking wait may last before raising FlagcxTimeout."""
+    device: torch.device
+    label: str = "flagcx"
+    """Name used in error messages (the communicator / group name)."""
+    global_ranks: list[int] = field(default_factory=list)
+    """Global rank of each member, for error messages."""
+
+    def peer_name(self, rank: int) -> str:
+        if self.global_ranks and 0 <= rank < len(self.global_ranks) and self.global_ranks[rank] != rank:
+            return f"rank {rank} (global {self.global_ranks[rank]})"
+        return f"rank {rank}"
+
+
+class Adapter(abc.ABC):
+    """One transport for the ranks of one communicator (see the module docstring for the rules)."""
+
+    name: ClassVar[str]
+    api_version: ClassVar[int] = ADAPTER_API_VERSION
+    capabilities: Capabilities
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        self.ctx = ctx
+        self.rank = ctx.rank
+        self.size = ctx.size
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        """None when the adapter can run here for tensors on ``device``, else a one-line reason."""
+        return None
+
+    # Collectives. recv is significant on every rank unless the docstring says otherwise.
+    @abc.abstractmethod
+    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle: ...
+
+    @abc.abstractmethod
+    def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        """recv holds size * send.numel() bytes, rank r's input at offset r * send.numel()."""
+
+    @abc.abstractmethod
+    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+        """send holds size * recv.numel() elements; rank r gets the reduction of chunk r."""
+
+    @abc.abstractmethod
+    def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
+        """In place: every rank's tensor ends equal to root's."""
+
+    @abc.abstractmethod
+    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
+        """recv is written on root only; send is never modified."""
+
+    @abc.abstractmethod
+    def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
+        """recv (size * send.numel() bytes) is given on root only."""
+
+    @abc.abstractmethod
+    def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
+        """send (size * recv.numel() bytes) is given on root only."""
+
+    @abc.abstractmethod
+    def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        """Even exchange: chunk j of send goes to rank j, chunk i of recv comes from rank i."""
+
+    @abc.abstractmethod
+    def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
+        """Uneven exchange; counts in bytes, chunks packed back to back in rank order."""
+
+    @abc.abstractmethod
+    def send(self, tensor: torch.Tensor, peer: int) -> Handle: ...
+
+    @abc.abstractmethod
+    def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
+        """peer None means any source (only when capabilities.any_source)."""
+
+    @abc.abstractmethod
+    def barrier(self) -> Handle: ...
+
+    def group_start(self) -> None:
+        """Begin a group of ops launched together (NCCL ncclGroupStart); host adapters need nothing."""
+
+    def group_end(self) -> None:
+        """End the group begun by group_start."""
+
+    def abort(self) -> None:
+        """Tear down without waiting for peers (after an error)."""
+        self.close()
+
+    def close(self) -> None:
+        """Release resources; the adapter is unusable afterwards."""

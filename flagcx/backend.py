@@ -1,0 +1,315 @@
+"""The torch.distributed frontend: a Python ProcessGroup registered as backend "flagcx".
+
+``import flagcx`` registers it, after which ``init_process_group(backend="flagcx")``,
+``"cpu:gloo,cuda:flagcx"``, ``new_group(backend="flagcx")``, DeviceMesh, DDP, FSDP2 and
+functional collectives use it. Each method translates torch's call form (both the
+torch 2.11 and 2.13 method names) into a Communicator call and returns a real
+``dist.Work``. The group routes tensors by their device itself: torch hands a Python
+ProcessGroup every tensor whatever the backend string says.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from datetime import timedelta
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .communicator import Communicator
+from .errors import FlagcxError
+from .types import ReduceOp
+from .work import Work, merge
+
+BACKEND_NAME = "flagcx"
+DEVICES = ["cpu", "cuda"]
+
+
+class _Completer:
+    """One daemon thread that completes the futures of works nobody waits on (DDP hooks)."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue[tuple[Work, torch.futures.Future, list]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def submit(self, work: Work, future: torch.futures.Future, outputs: list) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flagcx-completer", daemon=True)
+                self._thread.start()
+        self._queue.put((work, future, outputs))
+
+    def _run(self) -> None:
+        while True:
+            work, future, outputs = self._queue.get()
+            try:
+                work.wait()
+            except BaseException as exc:  # surfaced through the future
+                future.set_exception(exc)
+            else:
+                future.set_result(outputs)
+
+
+_completer = _Completer()
+
+
+class FlagcxWork(dist.Work):
+    """A torch Work over a flagcx Work (wait / is_completed / get_future / exception)."""
+
+    def __init__(self, work: Optional[Work], outputs: Sequence[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self._work = work
+        self._outputs = list(outputs)
+        self._future: Optional[torch.futures.Future] = None
+
+    def wait(self, timeout: Optional[timedelta] = None) -> bool:
+        if self._work is not None:
+            secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            self._work.wait(secs if secs and secs > 0 else None)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+    def is_success(self) -> bool:
+        return self._work is None or self._work.is_success()
+
+    def exception(self) -> Optional[BaseException]:
+        return None if self._work is None else self._work.exception()
+
+    def result(self) -> list[torch.Tensor]:
+        return self._outputs
+
+    def _source_rank(self) -> int:
+        if self._work is None:
+            raise FlagcxError("source rank is only known for a recv from any source")
+        return self._work.source_rank()
+
+    source_rank = _source_rank
+
+    def get_future(self) -> torch.futures.Future:
+        if self._future is None:
+            fut: torch.futures.Future = torch.futures.Future()
+            if self._work is None or self._work.is_completed():
+                exc = None if self._work is None else self._work.exception()
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(self._outputs)
+            else:
+                _completer.submit(self._work, fut, self._outputs)
+            self._future = fut
+        return self._future
+
+
+def _op_of(opts: Any) -> Any:
+    """Reduce op from an options struct, a bare torch ReduceOp, or nothing (SUM)."""
+    if opts is None:
+        return ReduceOp.SUM
+    return getattr(opts, "reduceOp", opts)
+
+
+def _async(opts: Any) -> bool:
+    return bool(getattr(opts, "asyncOp", True))
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+class ProcessGroupFlagcx(dist.ProcessGroup):
+    """torch ProcessGroup whose every op runs on a flagcx Communicator."""
+
+    def __init__(self, comm: Communicator) -> None:
+        super().__init__(comm.rank, comm.size)
+        self.comm = comm
+        self._group_name = comm.name
+        self._group_desc = ""
+        self._coalescing = False
+
+    # ---------------------------------------------------------------- identity (C++ trampolines)
+    def getBackendName(self) -> str:
+        return BACKEND_NAME
+
+    def getGroupName(self) -> str:
+        return self._group_name
+
+    def setGroupName(self, name: str) -> None:
+        self._group_name = name
+
+    def getGroupDesc(self) -> str:
+        return self._group_desc
+
+    def setGroupDesc(self, desc: str) -> None:
+        self._group_desc = desc
+
+    @property
+    def group_name(self) -> str:
+        return self._group_name
+
+    def __repr__(self) -> str:
+        return f"ProcessGroupFlagcx(name={self._group_name!r}, rank={self.rank()}, size={self.size()})"
+
+    # ---------------------------------------------------------------- helpers
+    def _work(self, works: Sequence[Optional[Work]], outputs: Sequence[torch.Tensor], op: str) -> FlagcxWork:
+        real = [w for w in works if w is not None]
+        if not real:
+            return FlagcxWork(None, outputs)
+        return FlagcxWork(real[0] if len(real) == 1 else merge(op, real), outputs)
+
+    def _grouped(self, op: str, calls, outputs: Sequence[torch.Tensor], async_op: bool) -> FlagcxWork:
+        """Run several comm calls as one group (one Work)."""
+        if len(calls) == 1:
+            return self._work([calls[0](async_op)], outputs, op)
+        self.comm.group_start()
+        try:
+            for call in calls:
+                call(True)
+        finally:
+            work = self.comm.group_end()
+        if not async_op:
+            work.wait()
+        return FlagcxWork(work, outputs)
+
+    # ---------------------------------------------------------------- collectives
+    def allreduce(self, tensors, opts=None) -> FlagcxWork:
+        tensors = _tensors(tensors)
+        op, a = _op_of(opts), _async(opts)
+        return self._grouped("allreduce", [lambda x, t=t: self.comm.all_reduce(t, op, async_op=x) for t in tensors], tensors, a)
+
+    def allreduce_coalesced(self, tensors, opts=None) -> FlagcxWork:
+        return self.allreduce(tensors, opts)
+
+    def allgather(self, output_tensors, input_tensors, opts=None) -> FlagcxWork:
+        ins = _tensors(input_tensors)
+        outs = list(output_tensors)
+        a = _async(opts)
+        calls = [lambda x, o=o, i=i: self.comm.all_gather(list(o), i, async_op=x) for o, i in zip(outs, ins)]
+        return self._grouped("allgather", calls, [t for o in outs for t in o], a)
+
+    def allgather_coalesced(self, output_lists, input_list, opts=None) -> FlagcxWork:
+        return self.allgather(output_lists, input_list, opts)
+
+    def all_gather_single(self, output, input, opts=None) -> FlagcxWork:
+        return self._work([self.comm.all_gather(output, input, async_op=_async(opts))], [output], "allgather")
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None) -> FlagcxWork:
+        calls = [lambda x, o=o, i=i: self.comm.all_gather(o, i, async_op=x) for o, i in zip(outputs, inputs)]
+        return self._grouped("allgather", calls, list(outputs), _async(opts))
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def reduce_scatter(self, output_tensors, input_lists, opts=None) -> FlagcxWork:
+        outs = _tensors(output_tensors)
+        op = _op_of(opts)
+        calls = [lambda x, o=o, i=i: self.comm.reduce_scatter(o, list(i), op, async_op=x) for o, i in zip(outs, input_lists)]
+        return self._grouped("reduce_scatter", calls, outs, _async(opts))
+
+    def reduce_scatter_single(self, output, input, opts=None) -> FlagcxWork:
+        return self._work([self.comm.reduce_scatter(output, input, _op_of(opts), async_op=_async(opts))], [output], "reduce_scatter")
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None) -> FlagcxWork:
+        op = _op_of(opts)
+        calls = [lambda x, o=o, i=i: self.comm.reduce_scatter(o, i, op, async_op=x) for o, i in zip(outputs, inputs)]
+        return self._grouped("reduce_scatter", calls, list(outputs), _async(opts))
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def broadcast(self, tensors, opts=None) -> FlagcxWork:
+        tensors = _tensors(tensors)
+        root = opts if isinstance(opts, int) else (0 if opts is None else opts.rootRank)
+        calls = [lambda x, t=t: self.comm.broadcast(t, root, async_op=x) for t in tensors]
+        return self._grouped("broadcast", calls, tensors, _async(opts))
+
+    def reduce(self, tensors, opts=None) -> FlagcxWork:
+        tensors = _tensors(tensors)
+        root = 0 if opts is None else opts.rootRank
+        op = _op_of(opts)
+        calls = [lambda x, t=t: self.comm.reduce(t, root, op, async_op=x) for t in tensors]
+        return self._grouped("reduce", calls, tensors, _async(opts))
+
+    def gather(self, output_tensors, input_tensors, opts=None) -> FlagcxWork:
+        ins = _tensors(input_tensors)
+        root = 0 if opts is None else opts.rootRank
+        outs = list(output_tensors[0]) if output_tensors and len(output_tensors[0]) else None
+        if self.comm.rank != root:
+            outs = None
+        return self._work([self.comm.gather(ins[0], outs, root, async_op=_async(opts))], outs or [], "gather")
+
+    def scatter(self, output_tensors, input_tensors, opts=None) -> FlagcxWork:
+        outs = _tensors(output_tensors)
+        root = 0 if opts is None else opts.rootRank
+        ins = list(input_tensors[0]) if input_tensors and len(input_tensors[0]) else None
+        if self.comm.rank != root:
+            ins = None
+        return self._work([self.comm.scatter(outs[0], ins, root, async_op=_async(opts))], outs, "scatter")
+
+    def alltoall(self, output_tensors, input_tensors, opts=None) -> FlagcxWork:
+        outs = list(output_tensors)
+        return self._work([self.comm.all_to_all(outs, list(input_tensors), async_op=_async(opts))], outs, "alltoall")
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None) -> FlagcxWork:
+        out_splits = list(output_split_sizes) or None
+        in_splits = list(input_split_sizes) or None
+        work = self.comm.all_to_all(output, input, out_splits, in_splits, async_op=_async(opts))
+        return self._work([work], [output], "alltoall")
+
+    alltoall_base = all_to_all_single
+
+    def barrier(self, opts=None) -> FlagcxWork:
+        return self._work([self.comm.barrier(async_op=_async(opts))], [], "barrier")
+
+    # ---------------------------------------------------------------- point to point
+    def send(self, tensors, dst: int, tag: int = 0) -> FlagcxWork:
+        tensors = _tensors(tensors)
+        return self._work([self.comm.send(t, dst, async_op=True) for t in tensors], tensors, "send")
+
+    def recv(self, tensors, src: int, tag: int = 0) -> FlagcxWork:
+        tensors = _tensors(tensors)
+        return self._work([self.comm.recv(t, src, async_op=True) for t in tensors], tensors, "recv")
+
+    def recv_anysource(self, tensors, tag: int = 0) -> FlagcxWork:
+        tensors = _tensors(tensors)
+        return self._work([self.comm.recv(tensors[0], None, async_op=True)], tensors, "recv")
+
+    # ---------------------------------------------------------------- coalescing manager, lifetime
+    def _start_coalescing(self, device: torch.device) -> None:
+        self.comm.group_start()
+        self._coalescing = True
+
+    def _end_coalescing(self, device: torch.device) -> FlagcxWork:
+        self._coalescing = False
+        return FlagcxWork(self.comm.group_end())
+
+    def abort(self) -> None:
+        self.comm.abort()
+
+    def shutdown(self) -> None:
+        self.comm.destroy()
+
+
+def _create_process_group(opts: Any, backend_options: Any = None) -> ProcessGroupFlagcx:
+    """Creator given to ``dist.Backend.register_backend`` (extended API)."""
+    comm = Communicator(
+        opts.store,
+        opts.group_rank,
+        opts.group_size,
+        timeout=opts.timeout,
+        name=str(opts.group_id) or "default",
+        global_ranks=list(opts.global_ranks_in_group) or None,
+    )
+    return ProcessGroupFlagcx(comm)
+
+
+def register() -> None:
+    """Register backend "flagcx" with torch.distributed (idempotent)."""
+    if BACKEND_NAME.upper() in dist.Backend._plugins:
+        return
+    dist.Backend.register_backend(BACKEND_NAME, _create_process_group, extended_api=True, devices=DEVICES)

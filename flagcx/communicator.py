@@ -1,0 +1,748 @@
+"""The Communicator: flagcx's core, between the frontends and the adapters.
+
+It owns the ranks of one group, picks the adapter for each call from the tensors'
+device (CPU: shm / gloo / mpi; accelerators: their native adapter), validates every
+argument (clear FlagcxError on every rank that can see the problem), and turns the
+rich call forms (lists, uneven splits, non-contiguous tensors, AVG / PREMUL_SUM,
+bool and complex dtypes) into the flat NCCL-like calls of the adapter contract.
+
+Usable on its own (an engine builds one from a store, rank and size) and as the
+engine of the torch backend. Host adapters complete collectives before returning;
+``async_op=True`` then returns a finished Work whose ``wait`` re-raises any error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from . import config
+from .adapters import Adapter, AdapterContext, Handle, adapter_class
+from .bootstrap import store_allgather
+from .errors import CommAborted, FlagcxError, InvalidArgument, NotSupported, invalid
+from .tensors import as_bytes, flat, nbytes, overlaps
+from .topology.detect import RankRecord, local_record
+from .types import FLOAT_DTYPES, PremulSum, ReduceOp, ReduceOpLike, to_reduce_op
+from .work import Step, Work, merge
+
+log = logging.getLogger("flagcx.core")
+
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a blocking wait may last when neither the caller nor FLAGCX_TIMEOUT says otherwise."""
+
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _seconds(timeout: Union[None, float, timedelta]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        value = timeout.total_seconds()
+    else:
+        value = float(timeout)
+    return value if value > 0 else None
+
+
+class Communicator:
+    """A group of ranks and every collective over them (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        *,
+        timeout: Union[None, float, timedelta] = None,
+        name: str = "flagcx",
+        global_ranks: Optional[Sequence[int]] = None,
+        _records: Optional[list[dict]] = None,
+    ) -> None:
+        if size < 1 or not 0 <= rank < size:
+            raise InvalidArgument(f"rank {rank} is not in [0, {size}); check RANK / WORLD_SIZE", op="init")
+        cfg = config.get()
+        self.rank = rank
+        self.size = size
+        self.name = name
+        self.timeout = cfg.timeout or _seconds(timeout) or DEFAULT_TIMEOUT
+        self.global_ranks = list(global_ranks) if global_ranks else list(range(size))
+        self._store = store
+        self._seq = 0
+        self._closed: Optional[str] = None
+        self._adapters: dict[str, Adapter] = {}
+        self._group_depth = 0
+        self._group_adapters: list[Adapter] = []
+        self._group_works: list[Work] = []
+        self._records = _records if _records is not None else self._exchange_records(cfg.cpu_adapter)
+        self.topology = [RankRecord.from_json(r["topo"]) for r in self._records]
+        self._adapters["cpu"] = self._make_cpu_adapter()
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def from_env(cls, *, timeout: Union[None, float, timedelta] = None, name: str = "flagcx") -> "Communicator":
+        """Build the world communicator of a job started by torchrun, mpiexec or flagcx.launch."""
+        from .bootstrap import prepare_env, store_from_env
+
+        env = prepare_env()
+        secs = config.get().timeout or _seconds(timeout) or DEFAULT_TIMEOUT
+        store = dist.PrefixStore(f"{name}/", store_from_env(secs))
+        return cls(store, env.rank, env.size, timeout=secs, name=name)
+
+    def _next_key(self, what: str) -> str:
+        self._seq += 1
+        return f"{what}/{self._seq}"
+
+    def _exchange_records(self, cpu_adapter: str) -> list[dict]:
+        mine = {"topo": local_record().to_json(), "cpu_adapter": cpu_adapter}
+        raw = store_allgather(
+            self._store,
+            self._next_key("records"),
+            self.rank,
+            self.size,
+            json.dumps(mine).encode(),
+            self.timeout,
+            f"init of {self.name}",
+        )
+        return [json.loads(r) for r in raw]
+
+    def _choose_cpu_adapter(self) -> str:
+        wanted = {r["cpu_adapter"] for r in self._records}
+        if len(wanted) > 1:
+            detail = ", ".join(f"rank {i}: {r['cpu_adapter']}" for i, r in enumerate(self._records))
+            raise InvalidArgument(
+                f"ranks disagree on FLAGCX_CPU_ADAPTER ({detail}); set the same value on every rank",
+                op="init",
+                rank=self.rank,
+            )
+        choice = wanted.pop()
+        if choice != "auto":
+            return choice
+        return "gloo"
+
+    def _adapter_context(self, kind: str, device: torch.device) -> AdapterContext:
+        store = dist.PrefixStore(self._next_key(kind) + "/", self._store)
+        return AdapterContext(
+            store=store,
+            rank=self.rank,
+            size=self.size,
+            timeout=self.timeout,
+            device=device,
+            label=self.name,
+            global_ranks=self.global_ranks,
+        )
+
+    def _make_cpu_adapter(self) -> Adapter:
+        name = self._choose_cpu_adapter()
+        cls = adapter_class(name)
+        device = torch.device("cpu")
+        reason = cls.unavailable_reason(device)
+        if reason is not None:
+            raise FlagcxError(f"CPU adapter {name!r} cannot run: {reason}", op="init", rank=self.rank)
+        adapter = cls(self._adapter_context(name, device))
+        log.info("%s: rank %d/%d uses adapter %s for CPU tensors", self.name, self.rank, self.size, name)
+        return adapter
+
+    def adapter_name(self, device: Union[str, torch.device] = "cpu") -> str:
+        """Name of the adapter that carries tensors of ``device``."""
+        return self._adapter(torch.device(device), "adapter_name").name
+
+    def _adapter(self, device: torch.device, op: str) -> Adapter:
+        adapter = self._adapters.get(device.type)
+        if adapter is None:
+            raise NotSupported(
+                f"no adapter for {device.type} tensors in this build; move the tensors to CPU",
+                op=op,
+                rank=self.rank,
+            )
+        return adapter
+
+    # ------------------------------------------------------------------ helpers
+    def _check_open(self, op: str) -> None:
+        if self._closed is not None:
+            raise CommAborted(f"communicator {self.name} is {self._closed}; create a new one", op=op, rank=self.rank)
+
+    def _check_tensor(self, op: str, arg: str, t: object) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise invalid(op, self.rank, arg, f"expected a torch.Tensor, got {type(t).__name__}", "pass a tensor")
+        if t.layout != torch.strided:
+            raise NotSupported(f"argument '{arg}': {t.layout} tensors are not supported; pass a dense tensor", op=op, rank=self.rank)
+        return t
+
+    def _check_like(self, op: str, arg: str, t: torch.Tensor, ref: torch.Tensor, numel: Optional[int] = None) -> None:
+        if t.device != ref.device:
+            raise invalid(op, self.rank, arg, f"is on {t.device} but the input is on {ref.device}", "put every tensor of one call on the same device")
+        if t.dtype != ref.dtype:
+            raise invalid(op, self.rank, arg, f"has dtype {t.dtype} but the input has {ref.dtype}", "use the same dtype for input and output")
+        if numel is not None and t.numel() != numel:
+            raise invalid(op, self.rank, arg, f"has {t.numel()} elements, expected {numel}", "size the tensor as the op requires")
+
+    def _check_root(self, op: str, arg: str, root: int) -> int:
+        if not isinstance(root, int) or isinstance(root, bool) or not 0 <= root < self.size:
+            raise invalid(op, self.rank, arg, f"{root!r} is not a rank of this group (size {self.size})", f"pass a group rank in [0, {self.size})")
+        return root
+
+    def _finish(
+        self,
+        op: str,
+        launch: Callable[[], Handle],
+        steps: Sequence[Step],
+        outputs: Sequence[torch.Tensor],
+        async_op: bool,
+    ) -> Optional[Work]:
+        try:
+            handle = launch()
+        except (InvalidArgument, NotSupported):
+            raise
+        except FlagcxError as exc:
+            if async_op or self._group_depth:
+                return self._record(Work(op, outputs=outputs, exc=exc))
+            raise
+        if async_op or self._group_depth:
+            return self._record(Work(op, [handle], steps, outputs))
+        handle.wait()
+        for step in steps:
+            step()
+        return None
+
+    def _record(self, work: Work) -> Work:
+        if self._group_depth:
+            self._group_works.append(work)
+        return work
+
+    def _done(self, op: str, outputs: Sequence[torch.Tensor], async_op: bool) -> Optional[Work]:
+        return self._record(Work(op, outputs=outputs)) if (async_op or self._group_depth) else None
+
+    def _enter(self, op: str, device: torch.device) -> Adapter:
+        self._check_open(op)
+        adapter = self._adapter(device, op)
+        if self._group_depth and adapter not in self._group_adapters:
+            adapter.group_start()
+            self._group_adapters.append(adapter)
+        return adapter
+
+    @staticmethod
+    def _contig_in(t: torch.Tensor) -> torch.Tensor:
+        return t if t.is_contiguous() else t.contiguous()
+
+    @staticmethod
+    def _contig_out(t: torch.Tensor, steps: list[Step]) -> torch.Tensor:
+        """A contiguous buffer to write ``t``'s result into (copied back by a step when needed)."""
+        if t.is_contiguous():
+            return t
+        buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        steps.append(lambda: t.copy_(buf))
+        return buf
+
+    def _reduction(
+        self,
+        op: str,
+        adapter: Adapter,
+        send: torch.Tensor,
+        recv: torch.Tensor,
+        kind: ReduceOp,
+        factor,
+        divide_here: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, ReduceOp, list[Step]]:
+        """Map (dtype, reduce op) onto what ``adapter`` computes natively.
+
+        ``send``/``recv`` must be contiguous. Returns flat views, the native op and the
+        steps to run after the adapter (AVG division). ``divide_here`` is False on
+        reduce's non-root ranks, whose recv is not written.
+        """
+        caps = adapter.capabilities
+        steps: list[Step] = []
+        dtype = send.dtype
+        if dtype.is_complex:
+            if kind not in (ReduceOp.SUM, ReduceOp.AVG, ReduceOp.PREMUL_SUM):
+                raise NotSupported(f"{kind.name} is not defined on complex tensors; use SUM, AVG or PREMUL_SUM", op=op, rank=self.rank)
+            send, recv = torch.view_as_real(send), torch.view_as_real(recv)
+            dtype = send.dtype
+        if dtype == torch.bool:
+            if kind in (ReduceOp.AVG, ReduceOp.PREMUL_SUM):
+                raise NotSupported(f"{kind.name} is not defined on bool tensors; use SUM (logical or) or PROD (logical and)", op=op, rank=self.rank)
+            kind = ReduceOp.MAX if kind in (ReduceOp.SUM, ReduceOp.MAX) else ReduceOp.MIN
+            send, recv = send.view(torch.uint8), recv.view(torch.uint8)
+            dtype = torch.uint8
+        if dtype not in caps.reduce_dtypes:
+            raise NotSupported(
+                f"adapter {adapter.name} cannot reduce {dtype}; supported: {', '.join(sorted(str(d) for d in caps.reduce_dtypes))}",
+                op=op,
+                rank=self.rank,
+            )
+        native = kind
+        if kind is ReduceOp.PREMUL_SUM:
+            if dtype not in FLOAT_DTYPES:
+                raise NotSupported(f"PREMUL_SUM needs a floating dtype, got {dtype}", op=op, rank=self.rank)
+            if ReduceOp.PREMUL_SUM not in caps.reduce_ops:
+                f = factor.to(device=send.device, dtype=dtype) if isinstance(factor, torch.Tensor) else factor
+                send = torch.mul(send, f).to(dtype)
+                native = ReduceOp.SUM
+        elif kind is ReduceOp.AVG and (ReduceOp.AVG not in caps.reduce_ops or dtype not in FLOAT_DTYPES):
+            native = ReduceOp.SUM
+            if divide_here:
+                n = self.size
+                if dtype in FLOAT_DTYPES:
+                    steps.append(lambda: recv.div_(n))
+                else:
+                    steps.append(lambda: recv.div_(n, rounding_mode="trunc"))
+        if native not in caps.reduce_ops:
+            raise NotSupported(f"adapter {adapter.name} does not implement {native.name}", op=op, rank=self.rank)
+        return flat(send), flat(recv), native, steps
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOpLike = ReduceOp.SUM,
+        *,
+        out: Optional[torch.Tensor] = None,
+        async_op: bool = False,
+    ) -> Optional[Work]:
+        """Reduce ``tensor`` over all ranks; the result lands in ``out`` (default: in place)."""
+        name = "all_reduce"
+        self._check_tensor(name, "tensor", tensor)
+        kind, factor = to_reduce_op(op, name, self.rank)
+        if out is None:
+            out = tensor
+        else:
+            self._check_tensor(name, "out", out)
+            self._check_like(name, "out", out, tensor, tensor.numel())
+        adapter = self._enter(name, tensor.device)
+        if tensor.numel() == 0:
+            return self._done(name, [out], async_op)
+        steps: list[Step] = []
+        if out is tensor and not tensor.is_contiguous():
+            send = recv = tensor.contiguous()
+            steps.append(lambda: tensor.copy_(recv))
+        else:
+            send = self._contig_in(tensor)
+            recv = self._contig_out(out, steps)
+        s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor)
+        return self._finish(name, lambda: adapter.allreduce(s, r, native), pre + steps, [out], async_op)
+
+    def all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
+        """Gather every rank's ``tensor`` into ``out`` (a tensor of size * numel elements, or a list of size tensors)."""
+        name = "all_gather"
+        self._check_tensor(name, "tensor", tensor)
+        adapter = self._enter(name, tensor.device)
+        steps: list[Step] = []
+        if isinstance(out, torch.Tensor):
+            self._check_like(name, "out", out, tensor, tensor.numel() * self.size)
+            outputs = [out]
+            recv = self._contig_out(out, steps)
+        else:
+            outs = self._check_list(name, "out", out, tensor)
+            outputs = list(outs)
+            if any(o.numel() != tensor.numel() for o in outs):
+                return self._all_gather_uneven(adapter, outs, tensor, async_op)
+            recv = torch.empty(tensor.numel() * self.size, dtype=tensor.dtype, device=tensor.device)
+            steps.append(lambda: _unpack(recv, outs))
+        if tensor.numel() == 0:
+            return self._done(name, outputs, async_op)
+        send = self._contig_in(tensor)
+        s, r = as_bytes(send), as_bytes(recv)
+        if overlaps(s, r) and s.data_ptr() != r.data_ptr() + self.rank * s.numel():
+            s = s.clone()
+        return self._finish(name, lambda: adapter.allgather(s, r), steps, outputs, async_op)
+
+    def _all_gather_uneven(self, adapter: Adapter, outs: Sequence[torch.Tensor], tensor: torch.Tensor, async_op: bool) -> Optional[Work]:
+        name = "all_gather"
+        if outs[self.rank].numel() != tensor.numel():
+            raise invalid(name, self.rank, f"out[{self.rank}]", f"has {outs[self.rank].numel()} elements but the input has {tensor.numel()}", "size out[rank] like the input")
+        steps: list[Step] = []
+        bufs = [self._contig_out(o, steps) for o in outs]
+        bufs[self.rank].copy_(tensor)
+        handles: list[Handle] = []
+
+        def launch() -> Handle:
+            adapter.group_start()
+            try:
+                for root, buf in enumerate(bufs):
+                    if buf.numel():
+                        handles.append(adapter.broadcast(as_bytes(buf), root))
+            finally:
+                adapter.group_end()
+            return _Many(handles)
+
+        return self._finish(name, launch, steps, list(outs), async_op)
+
+    def reduce_scatter(
+        self,
+        out: torch.Tensor,
+        tensor: TensorOrList,
+        op: ReduceOpLike = ReduceOp.SUM,
+        *,
+        async_op: bool = False,
+    ) -> Optional[Work]:
+        """Reduce over ranks and give rank r block r: ``tensor`` has size * out.numel() elements (or is a list of size blocks)."""
+        name = "reduce_scatter"
+        self._check_tensor(name, "out", out)
+        kind, factor = to_reduce_op(op, name, self.rank)
+        adapter = self._enter(name, out.device)
+        if isinstance(tensor, torch.Tensor):
+            self._check_tensor(name, "tensor", tensor)
+            self._check_like(name, "tensor", tensor, out, out.numel() * self.size)
+            send = self._contig_in(tensor)
+        else:
+            blocks = self._check_list(name, "tensor", tensor, out)
+            for i, b in enumerate(blocks):
+                if b.numel() != out.numel():
+                    raise invalid(name, self.rank, f"tensor[{i}]", f"has {b.numel()} elements, expected {out.numel()}", "give every block the output's size")
+            send = torch.cat([flat(b) for b in blocks]) if out.numel() else out.new_empty(0)
+        if out.numel() == 0:
+            return self._done(name, [out], async_op)
+        steps: list[Step] = []
+        recv = self._contig_out(out, steps)
+        s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor)
+        if overlaps(s, r) and r.data_ptr() != s.data_ptr() + self.rank * nbytes(r):
+            s = s.clone()
+        return self._finish(name, lambda: adapter.reducescatter(s, r, native), pre + steps, [out], async_op)
+
+    def broadcast(self, tensor: torch.Tensor, root: int, *, async_op: bool = False) -> Optional[Work]:
+        """Copy root's ``tensor`` to every rank, in place."""
+        name = "broadcast"
+        self._check_tensor(name, "tensor", tensor)
+        self._check_root(name, "root", root)
+        adapter = self._enter(name, tensor.device)
+        if tensor.numel() == 0:
+            return self._done(name, [tensor], async_op)
+        steps: list[Step] = []
+        buf = tensor
+        if not tensor.is_contiguous():
+            buf = tensor.contiguous()
+            steps.append(lambda: tensor.copy_(buf))
+        b = as_bytes(buf)
+        return self._finish(name, lambda: adapter.broadcast(b, root), steps, [tensor], async_op)
+
+    def reduce(
+        self,
+        tensor: torch.Tensor,
+        root: int,
+        op: ReduceOpLike = ReduceOp.SUM,
+        *,
+        out: Optional[torch.Tensor] = None,
+        async_op: bool = False,
+    ) -> Optional[Work]:
+        """Reduce over ranks into root's ``out`` (default: root's ``tensor``); other ranks' tensors are untouched."""
+        name = "reduce"
+        self._check_tensor(name, "tensor", tensor)
+        self._check_root(name, "root", root)
+        kind, factor = to_reduce_op(op, name, self.rank)
+        if out is None:
+            out = tensor
+        else:
+            self._check_tensor(name, "out", out)
+            self._check_like(name, "out", out, tensor, tensor.numel())
+        adapter = self._enter(name, tensor.device)
+        if tensor.numel() == 0:
+            return self._done(name, [out], async_op)
+        steps: list[Step] = []
+        is_root = self.rank == root
+        if out is tensor and not tensor.is_contiguous():
+            send = recv = tensor.contiguous()
+            if is_root:
+                steps.append(lambda: tensor.copy_(recv))
+        else:
+            send = self._contig_in(tensor)
+            recv = self._contig_out(out, steps) if is_root else send
+        s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor, divide_here=is_root)
+        return self._finish(name, lambda: adapter.reduce(s, r, native, root), pre + steps, [out], async_op)
+
+    def gather(
+        self,
+        tensor: torch.Tensor,
+        out: Optional[TensorOrList] = None,
+        root: int = 0,
+        *,
+        async_op: bool = False,
+    ) -> Optional[Work]:
+        """Collect every rank's ``tensor`` on root into ``out`` (a tensor of size * numel elements, or a list)."""
+        name = "gather"
+        self._check_tensor(name, "tensor", tensor)
+        self._check_root(name, "root", root)
+        adapter = self._enter(name, tensor.device)
+        steps: list[Step] = []
+        outputs: list[torch.Tensor] = []
+        recv: Optional[torch.Tensor] = None
+        if self.rank == root:
+            if out is None:
+                raise invalid(name, self.rank, "out", "is missing on the root", "pass a gather list (or a tensor of size * numel elements) on the root")
+            if isinstance(out, torch.Tensor):
+                self._check_like(name, "out", out, tensor, tensor.numel() * self.size)
+                outputs = [out]
+                recv = self._contig_out(out, steps)
+            else:
+                outs = self._check_list(name, "out", out, tensor, tensor.numel())
+                outputs = list(outs)
+                recv = torch.empty(tensor.numel() * self.size, dtype=tensor.dtype, device=tensor.device)
+                steps.append(lambda: _unpack(recv, outs))
+        if tensor.numel() == 0:
+            return self._done(name, outputs, async_op)
+        s = as_bytes(self._contig_in(tensor))
+        r = as_bytes(recv) if recv is not None else None
+        return self._finish(name, lambda: adapter.gather(s, r, root), steps, outputs, async_op)
+
+    def scatter(
+        self,
+        out: torch.Tensor,
+        tensor: Optional[TensorOrList] = None,
+        root: int = 0,
+        *,
+        async_op: bool = False,
+    ) -> Optional[Work]:
+        """Give rank r block r of root's ``tensor`` (size * out.numel() elements, or a list of size tensors)."""
+        name = "scatter"
+        self._check_tensor(name, "out", out)
+        self._check_root(name, "root", root)
+        adapter = self._enter(name, out.device)
+        send: Optional[torch.Tensor] = None
+        if self.rank == root:
+            if tensor is None:
+                raise invalid(name, self.rank, "tensor", "is missing on the root", "pass a scatter list (or a tensor of size * numel elements) on the root")
+            if isinstance(tensor, torch.Tensor):
+                self._check_like(name, "tensor", tensor, out, out.numel() * self.size)
+                send = self._contig_in(tensor)
+            else:
+                blocks = self._check_list(name, "tensor", tensor, out, out.numel())
+                send = torch.cat([flat(b) for b in blocks]) if out.numel() else out.new_empty(0)
+        if out.numel() == 0:
+            return self._done(name, [out], async_op)
+        steps: list[Step] = []
+        recv = self._contig_out(out, steps)
+        s = as_bytes(send) if send is not None else None
+        r = as_bytes(recv)
+        return self._finish(name, lambda: adapter.scatter(s, r, root), steps, [out], async_op)
+
+    def all_to_all(
+        self,
+        out: TensorOrList,
+        tensor: TensorOrList,
+        out_splits: Optional[Sequence[int]] = None,
+        in_splits: Optional[Sequence[int]] = None,
+        *,
+        async_op: bool = False,
+    ) -> Optional[Work]:
+        """Exchange blocks: block j of ``tensor`` goes to rank j, block i of ``out`` comes from rank i.
+
+        With tensors, blocks split dim 0 evenly, or by ``in_splits`` / ``out_splits``
+        (rows per rank); with lists, block j is ``tensor[j]`` / ``out[j]``.
+        """
+        name = "all_to_all"
+        if isinstance(tensor, torch.Tensor) != isinstance(out, torch.Tensor):
+            raise invalid(name, self.rank, "out", "and 'tensor' must both be tensors or both be lists", "pass two tensors or two lists")
+        if isinstance(tensor, torch.Tensor):
+            return self._all_to_all_tensor(name, out, tensor, out_splits, in_splits, async_op)
+        ins = list(tensor)
+        if not ins:
+            raise invalid(name, self.rank, "tensor", "is an empty list", f"pass {self.size} tensors")
+        self._check_tensor(name, "tensor[0]", ins[0])
+        ins = self._check_list(name, "tensor", ins, ins[0])
+        outs = self._check_list(name, "out", out, ins[0])
+        adapter = self._enter(name, ins[0].device)
+        send = torch.cat([flat(self._contig_in(t)) for t in ins])
+        esz = send.element_size()
+        recv = torch.empty(sum(o.numel() for o in outs), dtype=send.dtype, device=send.device)
+        send_counts = [t.numel() * esz for t in ins]
+        recv_counts = [o.numel() * esz for o in outs]
+        steps: list[Step] = [lambda: _unpack(recv, outs)]
+        s, r = as_bytes(send), as_bytes(recv)
+        return self._finish(name, lambda: adapter.alltoallv(s, send_counts, r, recv_counts), steps, list(outs), async_op)
+
+    def _all_to_all_tensor(self, name, out, tensor, out_splits, in_splits, async_op) -> Optional[Work]:
+        self._check_tensor(name, "tensor", tensor)
+        self._check_tensor(name, "out", out)
+        self._check_like(name, "out", out, tensor)
+        adapter = self._enter(name, tensor.device)
+        steps: list[Step] = []
+        send = self._contig_in(tensor)
+        recv = self._contig_out(out, steps)
+        s, r = as_bytes(send), as_bytes(recv)
+        if overlaps(s, r):
+            s = s.clone()
+        if in_splits is None and out_splits is None:
+            if tensor.numel() != out.numel() or (tensor.dim() and tensor.shape[0] % self.size):
+                raise invalid(
+                    name,
+                    self.rank,
+                    "tensor",
+                    f"shape {tuple(tensor.shape)} / out {tuple(out.shape)} cannot be split evenly over {self.size} ranks",
+                    "make dim 0 divisible by the group size and out the same size, or pass split sizes",
+                )
+            if tensor.numel() == 0:
+                return self._done(name, [out], async_op)
+            return self._finish(name, lambda: adapter.alltoall(s, r), steps, [out], async_op)
+        send_counts = self._split_counts(name, "in_splits", tensor, in_splits)
+        recv_counts = self._split_counts(name, "out_splits", out, out_splits)
+        return self._finish(name, lambda: adapter.alltoallv(s, send_counts, r, recv_counts), steps, [out], async_op)
+
+    def _split_counts(self, op: str, arg: str, t: torch.Tensor, splits: Optional[Sequence[int]]) -> list[int]:
+        rows = t.shape[0] if t.dim() else 1
+        row_bytes = (nbytes(t) // rows) if rows else 0
+        if splits is None or len(splits) == 0:
+            if rows % self.size:
+                raise invalid(op, self.rank, arg, f"is empty but dim 0 ({rows}) is not divisible by {self.size}", "pass split sizes")
+            return [rows // self.size * row_bytes] * self.size
+        splits = [int(x) for x in splits]
+        if len(splits) != self.size or any(x < 0 for x in splits) or sum(splits) != rows:
+            raise invalid(op, self.rank, arg, f"{splits} must be {self.size} non-negative sizes summing to dim 0 ({rows})", "fix the split sizes")
+        return [x * row_bytes for x in splits]
+
+    def _check_list(self, op: str, arg: str, items, ref: torch.Tensor, numel: Optional[int] = None) -> list[torch.Tensor]:
+        if not isinstance(items, (list, tuple)):
+            raise invalid(op, self.rank, arg, f"expected a tensor or a list of {self.size} tensors, got {type(items).__name__}", "pass a list")
+        if len(items) != self.size:
+            raise invalid(op, self.rank, arg, f"has {len(items)} tensors but the group has {self.size} ranks", f"pass exactly {self.size} tensors")
+        for i, t in enumerate(items):
+            self._check_tensor(op, f"{arg}[{i}]", t)
+            self._check_like(op, f"{arg}[{i}]", t, ref, numel)
+        return list(items)
+
+    # ------------------------------------------------------------------ point to point
+    def send(self, tensor: torch.Tensor, peer: int, *, async_op: bool = False) -> Optional[Work]:
+        """Send ``tensor`` to group rank ``peer``."""
+        name = "send"
+        self._check_tensor(name, "tensor", tensor)
+        self._check_peer(name, peer)
+        adapter = self._enter(name, tensor.device)
+        b = as_bytes(self._contig_in(tensor))
+        return self._finish(name, lambda: adapter.send(b, peer), [], [tensor], async_op)
+
+    def recv(self, tensor: torch.Tensor, peer: Optional[int] = None, *, async_op: bool = False) -> Union[Work, int, None]:
+        """Receive into ``tensor`` from ``peer`` (None: any source, where the adapter allows it).
+
+        Synchronous calls return the source rank; asynchronous ones return a Work whose
+        ``source_rank()`` tells it.
+        """
+        name = "recv"
+        self._check_tensor(name, "tensor", tensor)
+        adapter = self._enter(name, tensor.device)
+        if peer is None:
+            if not adapter.capabilities.any_source:
+                raise NotSupported(f"adapter {adapter.name} cannot receive from any source; pass the sending rank", op=name, rank=self.rank)
+        else:
+            self._check_peer(name, peer)
+        steps: list[Step] = []
+        buf = self._contig_out(tensor, steps)
+        b = as_bytes(buf)
+        if async_op or self._group_depth:
+            return self._finish(name, lambda: adapter.recv(b, peer), steps, [tensor], True)
+        handle = adapter.recv(b, peer)
+        handle.wait()
+        for step in steps:
+            step()
+        return peer if peer is not None else handle.source()
+
+    def _check_peer(self, op: str, peer: int) -> None:
+        self._check_root(op, "peer", peer)
+        if peer == self.rank:
+            raise invalid(op, self.rank, "peer", f"is this rank ({peer})", "send/recv to another rank, or copy the tensor locally")
+
+    def barrier(self, *, async_op: bool = False) -> Optional[Work]:
+        """Block until every rank has called barrier."""
+        name = "barrier"
+        adapter = self._enter(name, torch.device("cpu"))
+        return self._finish(name, adapter.barrier, [], [], async_op)
+
+    # ------------------------------------------------------------------ groups, subgroups, lifetime
+    def group_start(self) -> None:
+        """Start a group: ops are launched together at group_end (NCCL semantics)."""
+        self._check_open("group_start")
+        self._group_depth += 1
+
+    def group_end(self) -> Work:
+        """End the group; returns one Work covering every op issued inside it."""
+        if self._group_depth == 0:
+            raise InvalidArgument("group_end without group_start", op="group_end", rank=self.rank)
+        self._group_depth -= 1
+        if self._group_depth:
+            return Work("group")
+        adapters, self._group_adapters = self._group_adapters, []
+        works, self._group_works = self._group_works, []
+        for adapter in adapters:
+            adapter.group_end()
+        return merge("group", works)
+
+    @contextmanager
+    def group(self) -> Iterator[list[Work]]:
+        """``with comm.group():`` launch the ops inside together (see group_start)."""
+        self.group_start()
+        holder: list[Work] = []
+        try:
+            yield holder
+        finally:
+            holder.append(self.group_end())
+
+    def split(self, ranks: Sequence[int], *, name: Optional[str] = None) -> Optional["Communicator"]:
+        """A communicator over ``ranks`` (group ranks of this one); every rank must call, non-members get None."""
+        self._check_open("split")
+        ranks = [int(r) for r in ranks]
+        if sorted(set(ranks)) != sorted(ranks) or any(not 0 <= r < self.size for r in ranks) or not ranks:
+            raise invalid("split", self.rank, "ranks", f"{ranks} must be distinct ranks in [0, {self.size})", "pass a non-empty list of distinct group ranks")
+        key = self._next_key("split")
+        if self.rank not in ranks:
+            return None
+        store = dist.PrefixStore(f"{key}/{','.join(map(str, ranks))}/", self._store)
+        return Communicator(
+            store,
+            ranks.index(self.rank),
+            len(ranks),
+            timeout=self.timeout,
+            name=name or f"{self.name}.split{self._seq}",
+            global_ranks=[self.global_ranks[r] for r in ranks],
+            _records=[self._records[r] for r in ranks],
+        )
+
+    def abort(self) -> None:
+        """Tear down without waiting for peers; every later call raises CommAborted."""
+        if self._closed is None:
+            self._closed = "aborted"
+            for adapter in self._adapters.values():
+                adapter.abort()
+
+    def destroy(self) -> None:
+        """Release every transport; every later call raises CommAborted."""
+        if self._closed is None:
+            self._closed = "destroyed"
+            for adapter in self._adapters.values():
+                adapter.close()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"Communicator(name={self.name!r}, rank={self.rank}, size={self.size})"
+
+
+class _Many(Handle):
+    """Handle over several handles (ops launched together)."""
+
+    __slots__ = ("_handles",)
+
+    def __init__(self, handles: list[Handle]) -> None:
+        self._handles = handles
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        for h in self._handles:
+            h.wait(timeout)
+
+    def done(self) -> bool:
+        return all(h.done() for h in self._handles)
+
+
+def _unpack(flat_buf: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for o in outs:
+        n = o.numel()
+        o.copy_(flat_buf[offset : offset + n].view(o.shape))
+        offset += n
+
+
+__all__ = ["Communicator", "DEFAULT_TIMEOUT", "PremulSum", "ReduceOp"]

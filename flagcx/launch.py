@@ -1,0 +1,172 @@
+"""Local launcher: run N ranks on this machine with one command, no torchrun needed.
+
+The parent hosts the TCPStore (so no port race) and starts N spawned processes with
+the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
+TORCHELASTIC_USE_AGENT_STORE=True), so ``init_process_group(backend="flagcx")``
+works unchanged inside them. A failing rank stops the others and its traceback is
+raised in the parent.
+
+    python -m flagcx.launch --nproc 4 train.py --lr 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import runpy
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+EnvSpec = Union[None, Mapping[str, str], Callable[[int], Mapping[str, str]]]
+
+
+class LaunchError(RuntimeError):
+    """A rank of a local launch failed."""
+
+    def __init__(self, rank: int, detail: str) -> None:
+        super().__init__(f"rank {rank} failed:\n{detail}")
+        self.rank = rank
+        self.detail = detail
+
+
+def _child(fn: Callable, rank: int, size: int, port: int, env: dict, args: tuple, results) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "FLAGCX_LAUNCHER": "1",
+        }
+    )
+    ok, value, code = True, None, 0
+    try:
+        value = fn(rank, size, *args)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            ok, value, code = False, f"exited with SystemExit({exc.code!r})", exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        ok, value, code = False, traceback.format_exc(), 1
+    results.put((rank, ok, value))
+    results.close()
+    results.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)
+
+
+def _rank_env(env: EnvSpec, rank: int) -> dict:
+    if env is None:
+        return {}
+    if callable(env):
+        return {k: str(v) for k, v in env(rank).items()}
+    return {k: str(v) for k, v in env.items()}
+
+
+def spawn(
+    fn: Callable[..., Any],
+    nproc: int,
+    args: Sequence[Any] = (),
+    *,
+    env: EnvSpec = None,
+    timeout: Optional[float] = None,
+) -> list[Any]:
+    """Run ``fn(rank, nproc, *args)`` in ``nproc`` fresh processes; return their results in rank order.
+
+    ``env`` adds environment variables to every rank (a dict) or per rank (a callable).
+    Raises LaunchError with the first failing rank's traceback; the other ranks are
+    terminated. ``timeout`` (seconds) bounds the whole run.
+    """
+    import torch.distributed as dist
+
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = []
+    for rank in range(nproc):
+        p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, _rank_env(env, rank), tuple(args), results), daemon=False)
+        p.start()
+        procs.append(p)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    values: dict[int, Any] = {}
+    failure: Optional[LaunchError] = None
+    try:
+        while len(values) < nproc and failure is None:
+            try:
+                rank, ok, value = results.get(timeout=0.2)
+                if ok:
+                    values[rank] = value
+                else:
+                    failure = LaunchError(rank, value)
+                continue
+            except queue.Empty:
+                pass
+            for rank, p in enumerate(procs):
+                if rank not in values and p.exitcode is not None:
+                    # Give a result that is in flight a moment to arrive.
+                    try:
+                        r, ok, value = results.get(timeout=1.0)
+                        if ok:
+                            values[r] = value
+                        else:
+                            failure = LaunchError(r, value)
+                        break
+                    except queue.Empty:
+                        failure = LaunchError(rank, f"exited with code {p.exitcode} before returning")
+                        break
+            if deadline is not None and time.monotonic() > deadline and failure is None:
+                failure = LaunchError(-1, f"launch timed out after {timeout:g} s; finished ranks: {sorted(values)}")
+    finally:
+        for p in procs:
+            if failure is not None and p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results.close()
+        del store
+    if failure is not None:
+        raise failure
+    return [values[r] for r in range(nproc)]
+
+
+def _run_target(rank: int, size: int, target: list[str], module: bool) -> None:
+    sys.argv = list(target)
+    if module:
+        runpy.run_module(target[0], run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(target[0], run_name="__main__")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flagcx.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", "--nproc-per-node", type=int, required=True, help="number of local ranks")
+    parser.add_argument("-m", dest="module", action="store_true", help="run the target as a module (like python -m)")
+    parser.add_argument("target", nargs=argparse.REMAINDER, help="script (or module with -m) and its arguments")
+    ns = parser.parse_args(argv)
+    if not ns.target:
+        parser.error("give a script to run")
+    try:
+        spawn(_run_target, ns.nproc, (ns.target, ns.module))
+    except LaunchError as exc:
+        print(f"flagcx.launch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

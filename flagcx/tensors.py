@@ -1,0 +1,32 @@
+"""Small tensor helpers shared by the core and the adapters (views, overlap tests)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a contiguous tensor (0-dim tensors become 1 element)."""
+    return t.reshape(-1)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's storage."""
+    f = t.reshape(-1)
+    if f.dtype == torch.uint8:
+        return f
+    if f.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=t.device)
+    return f.view(torch.uint8)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the memory of a and b intersects."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + nbytes(b) and b0 < a0 + nbytes(a)
