@@ -13,6 +13,7 @@ engine of the torch backend. Host adapters complete collectives before returning
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from contextlib import contextmanager
@@ -23,10 +24,12 @@ import torch
 import torch.distributed as dist
 
 from . import config
-from .adapters import Adapter, AdapterContext, Handle, adapter_class
+from .adapters import DONE, Adapter, AdapterContext, Handle, adapter_class
 from .bootstrap import store_allgather
 from .errors import CommAborted, FlagcxError, InvalidArgument, NotSupported, invalid
+from .streams import SideStream, current_device_index, is_capturing
 from .tensors import as_bytes, flat, nbytes, overlaps
+from .topology.clusters import form_clusters
 from .topology.detect import RankRecord, local_record
 from .types import FLOAT_DTYPES, PremulSum, ReduceOp, ReduceOpLike, to_reduce_op
 from .work import Step, Work, merge
@@ -37,6 +40,44 @@ DEFAULT_TIMEOUT = 600.0
 """Seconds a blocking wait may last when neither the caller nor FLAGCX_TIMEOUT says otherwise."""
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+DEVICE_ADAPTERS = {"cuda": "nccl"}
+"""Native adapter for each accelerator device type (CPU tensors use the CPU adapter)."""
+
+
+def _tensors_in(values) -> Iterator[torch.Tensor]:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+def _collective(fn):
+    """Run a public op under the stream policy of its adapter.
+
+    Stream-ordered adapters (CUDA...): a synchronous op is enqueued on the caller's
+    current stream; an asynchronous one (or one inside a group) runs on the
+    communicator's side stream, ordered after the current stream, and the caller's
+    tensors are recorded on the side stream so the caching allocator keeps them alive.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: "Communicator", *args, async_op: bool = False, **kwargs):
+        self._op_async = async_op
+        try:
+            return fn(self, *args, async_op=async_op, **kwargs)
+        finally:
+            side = self._scope
+            if side is not None:
+                self._scope = None
+                side.exit()
+                if not is_capturing(side.stream.device):
+                    for t in _tensors_in((*args, *kwargs.values())):
+                        if t.device.type != "cpu":
+                            t.record_stream(side.stream)
+
+    return wrapper
 
 
 def _seconds(timeout: Union[None, float, timedelta]) -> Optional[float]:
@@ -62,6 +103,8 @@ class Communicator:
         name: str = "flagcx",
         global_ranks: Optional[Sequence[int]] = None,
         _records: Optional[list[dict]] = None,
+        _cpu_adapter: Optional[str] = None,
+        _homogeneous: bool = False,
     ) -> None:
         if size < 1 or not 0 <= rank < size:
             raise InvalidArgument(f"rank {rank} is not in [0, {size}); check RANK / WORLD_SIZE", op="init")
@@ -78,9 +121,25 @@ class Communicator:
         self._group_depth = 0
         self._group_adapters: list[Adapter] = []
         self._group_works: list[Work] = []
+        self._group_steps: list[Step] = []
+        self._sides: dict[str, SideStream] = {}
+        self._scope: Optional[SideStream] = None
+        self._op_async = False
+        self._cur: Optional[Adapter] = None
         self._records = _records if _records is not None else self._exchange_records(cfg.cpu_adapter)
         self.topology = [RankRecord.from_json(r["topo"]) for r in self._records]
-        self._adapters["cpu"] = self._make_cpu_adapter()
+        try:
+            self.clusters = form_clusters(self.topology)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), op="init", rank=rank) from None
+        self._cpu_override = _cpu_adapter
+        self._hetero: Optional[Adapter] = None
+        if len(self.clusters) > 1 and not _homogeneous:
+            from .hetero import HeteroAdapter
+
+            self._hetero = HeteroAdapter(self)
+        else:
+            self._adapters["cpu"] = self._make_cpu_adapter()
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -111,7 +170,7 @@ class Communicator:
         return [json.loads(r) for r in raw]
 
     def _choose_cpu_adapter(self) -> str:
-        wanted = {r["cpu_adapter"] for r in self._records}
+        wanted = {self._cpu_override} if self._cpu_override else {r["cpu_adapter"] for r in self._records}
         if len(wanted) > 1:
             detail = ", ".join(f"rank {i}: {r['cpu_adapter']}" for i, r in enumerate(self._records))
             raise InvalidArgument(
@@ -152,14 +211,42 @@ class Communicator:
         return self._adapter(torch.device(device), "adapter_name").name
 
     def _adapter(self, device: torch.device, op: str) -> Adapter:
+        if self._hetero is not None:
+            return self._hetero
         adapter = self._adapters.get(device.type)
         if adapter is None:
-            raise NotSupported(
-                f"no adapter for {device.type} tensors in this build; move the tensors to CPU",
-                op=op,
-                rank=self.rank,
+            return self._make_device_adapter(device, op)
+        if device.index is not None and device.index != adapter.ctx.device.index:
+            raise invalid(
+                op,
+                self.rank,
+                "tensor",
+                f"is on {device} but this communicator drives {adapter.ctx.device}",
+                f"move the tensor to {adapter.ctx.device} (one device per rank and communicator)",
             )
         return adapter
+
+    def _make_device_adapter(self, device: torch.device, op: str) -> Adapter:
+        """Create the native adapter of an accelerator on its first use (every rank reaches the same op)."""
+        name = DEVICE_ADAPTERS.get(device.type)
+        if name is None:
+            raise NotSupported(f"no adapter for {device.type} tensors; supported devices: cpu, {', '.join(DEVICE_ADAPTERS)}", op=op, rank=self.rank)
+        dev = device if device.index is not None else torch.device(device.type, current_device_index(device.type))
+        cls = adapter_class(name)
+        reason = cls.unavailable_reason(dev)
+        if reason is not None:
+            raise NotSupported(f"adapter {name} cannot run on {dev}: {reason}", op=op, rank=self.rank)
+        adapter = cls(self._adapter_context(name, dev))
+        self._adapters[device.type] = adapter
+        log.info("%s: rank %d/%d uses adapter %s for %s tensors", self.name, self.rank, self.size, name, dev)
+        return adapter
+
+    def _side(self, adapter: Adapter) -> SideStream:
+        device = adapter.ctx.device
+        side = self._sides.get(device.type)
+        if side is None:
+            side = self._sides[device.type] = SideStream(device)
+        return side
 
     # ------------------------------------------------------------------ helpers
     def _check_open(self, op: str) -> None:
@@ -194,6 +281,16 @@ class Communicator:
         outputs: Sequence[torch.Tensor],
         async_op: bool,
     ) -> Optional[Work]:
+        """Launch the adapter call and apply the completion policy of its adapter.
+
+        Host adapters: a synchronous call waits and runs ``steps``; an asynchronous one
+        returns a Work that does both on ``wait``. Stream-ordered adapters: ``steps`` are
+        enqueued right after the op on the same stream; an asynchronous call returns a
+        Work over an event of the side stream. Inside a group, stream steps wait for
+        group_end (the ops are only launched there).
+        """
+        adapter = self._cur
+        assert adapter is not None
         try:
             handle = launch()
         except (InvalidArgument, NotSupported):
@@ -202,8 +299,21 @@ class Communicator:
             if async_op or self._group_depth:
                 return self._record(Work(op, outputs=outputs, exc=exc))
             raise
-        if async_op or self._group_depth:
-            return self._record(Work(op, [handle], steps, outputs))
+        stream = adapter.capabilities.stream_ordered
+        if self._group_depth:
+            if stream:
+                self._group_steps.extend(steps)
+                steps = ()
+            return self._record(Work(op, [] if handle is DONE else [handle], steps, outputs))
+        if stream and handle is DONE:
+            for step in steps:
+                step()
+            if async_op:
+                assert self._scope is not None
+                return Work(op, [self._scope.record()], (), outputs)
+            return None
+        if async_op:
+            return Work(op, [handle], steps, outputs)
         handle.wait()
         for step in steps:
             step()
@@ -218,11 +328,17 @@ class Communicator:
         return self._record(Work(op, outputs=outputs)) if (async_op or self._group_depth) else None
 
     def _enter(self, op: str, device: torch.device) -> Adapter:
+        """Checks common to every op; picks the adapter and, for async device ops, enters the side stream."""
         self._check_open(op)
         adapter = self._adapter(device, op)
         if self._group_depth and adapter not in self._group_adapters:
             adapter.group_start()
             self._group_adapters.append(adapter)
+        if adapter.capabilities.stream_ordered and (self._op_async or self._group_depth) and self._scope is None:
+            side = self._side(adapter)
+            side.enter()
+            self._scope = side
+        self._cur = adapter
         return adapter
 
     @staticmethod
@@ -295,6 +411,7 @@ class Communicator:
         return flat(send), flat(recv), native, steps
 
     # ------------------------------------------------------------------ collectives
+    @_collective
     def all_reduce(
         self,
         tensor: torch.Tensor,
@@ -325,6 +442,7 @@ class Communicator:
         s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor)
         return self._finish(name, lambda: adapter.allreduce(s, r, native), pre + steps, [out], async_op)
 
+    @_collective
     def all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         """Gather every rank's ``tensor`` into ``out`` (a tensor of size * numel elements, or a list of size tensors)."""
         name = "all_gather"
@@ -371,6 +489,7 @@ class Communicator:
 
         return self._finish(name, launch, steps, list(outs), async_op)
 
+    @_collective
     def reduce_scatter(
         self,
         out: torch.Tensor,
@@ -403,6 +522,7 @@ class Communicator:
             s = s.clone()
         return self._finish(name, lambda: adapter.reducescatter(s, r, native), pre + steps, [out], async_op)
 
+    @_collective
     def broadcast(self, tensor: torch.Tensor, root: int, *, async_op: bool = False) -> Optional[Work]:
         """Copy root's ``tensor`` to every rank, in place."""
         name = "broadcast"
@@ -419,6 +539,7 @@ class Communicator:
         b = as_bytes(buf)
         return self._finish(name, lambda: adapter.broadcast(b, root), steps, [tensor], async_op)
 
+    @_collective
     def reduce(
         self,
         tensor: torch.Tensor,
@@ -453,6 +574,7 @@ class Communicator:
         s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor, divide_here=is_root)
         return self._finish(name, lambda: adapter.reduce(s, r, native, root), pre + steps, [out], async_op)
 
+    @_collective
     def gather(
         self,
         tensor: torch.Tensor,
@@ -487,6 +609,7 @@ class Communicator:
         r = as_bytes(recv) if recv is not None else None
         return self._finish(name, lambda: adapter.gather(s, r, root), steps, outputs, async_op)
 
+    @_collective
     def scatter(
         self,
         out: torch.Tensor,
@@ -518,6 +641,7 @@ class Communicator:
         r = as_bytes(recv)
         return self._finish(name, lambda: adapter.scatter(s, r, root), steps, [out], async_op)
 
+    @_collective
     def all_to_all(
         self,
         out: TensorOrList,
@@ -603,6 +727,7 @@ class Communicator:
         return list(items)
 
     # ------------------------------------------------------------------ point to point
+    @_collective
     def send(self, tensor: torch.Tensor, peer: int, *, async_op: bool = False) -> Optional[Work]:
         """Send ``tensor`` to group rank ``peer``."""
         name = "send"
@@ -612,6 +737,7 @@ class Communicator:
         b = as_bytes(self._contig_in(tensor))
         return self._finish(name, lambda: adapter.send(b, peer), [], [tensor], async_op)
 
+    @_collective
     def recv(self, tensor: torch.Tensor, peer: Optional[int] = None, *, async_op: bool = False) -> Union[Work, int, None]:
         """Receive into ``tensor`` from ``peer`` (None: any source, where the adapter allows it).
 
@@ -642,6 +768,7 @@ class Communicator:
         if peer == self.rank:
             raise invalid(op, self.rank, "peer", f"is this rank ({peer})", "send/recv to another rank, or copy the tensor locally")
 
+    @_collective
     def barrier(self, *, async_op: bool = False) -> Optional[Work]:
         """Block until every rank has called barrier."""
         name = "barrier"
@@ -663,8 +790,19 @@ class Communicator:
             return Work("group")
         adapters, self._group_adapters = self._group_adapters, []
         works, self._group_works = self._group_works, []
+        steps, self._group_steps = self._group_steps, []
         for adapter in adapters:
             adapter.group_end()
+        for adapter in adapters:
+            if adapter.capabilities.stream_ordered:
+                side = self._side(adapter)
+                side.enter()
+                try:
+                    for step in steps:
+                        step()
+                    works.append(Work("group", [side.record()]))
+                finally:
+                    side.exit()
         return merge("group", works)
 
     @contextmanager
@@ -697,19 +835,42 @@ class Communicator:
             _records=[self._records[r] for r in ranks],
         )
 
+    def _subcomm(self, ranks: Sequence[int], key: str, *, cpu_adapter: Optional[str] = None) -> "Communicator":
+        """A homogeneous communicator over ``ranks`` (group ranks), built by its members only.
+
+        Used by runners (the heterogeneous one) for intra- and inter-cluster traffic;
+        ``key`` must be the same on every member and unique within this communicator.
+        """
+        ranks = list(ranks)
+        store = dist.PrefixStore(f"sub/{key}/", self._store)
+        return Communicator(
+            store,
+            ranks.index(self.rank),
+            len(ranks),
+            timeout=self.timeout,
+            name=f"{self.name}.{key}",
+            global_ranks=[self.global_ranks[r] for r in ranks],
+            _records=[self._records[r] for r in ranks],
+            _cpu_adapter=cpu_adapter,
+            _homogeneous=True,
+        )
+
     def abort(self) -> None:
         """Tear down without waiting for peers; every later call raises CommAborted."""
         if self._closed is None:
             self._closed = "aborted"
-            for adapter in self._adapters.values():
+            for adapter in self._all_adapters():
                 adapter.abort()
 
     def destroy(self) -> None:
         """Release every transport; every later call raises CommAborted."""
         if self._closed is None:
             self._closed = "destroyed"
-            for adapter in self._adapters.values():
+            for adapter in self._all_adapters():
                 adapter.close()
+
+    def _all_adapters(self) -> list[Adapter]:
+        return list(self._adapters.values()) + ([self._hetero] if self._hetero is not None else [])
 
     def __enter__(self) -> "Communicator":
         return self
