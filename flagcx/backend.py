@@ -92,7 +92,16 @@ class FlagcxWork(dist.Work):
 
     def get_future(self) -> torch.futures.Future:
         if self._future is None:
-            fut: torch.futures.Future = torch.futures.Future()
+            devices = sorted({t.device for t in self._outputs if t.device.type != "cpu"}, key=str)
+            if devices:
+                # Stream-ordered work: the value is ready in stream order once the caller's
+                # stream waits for it; a device-aware future records that on set_result.
+                fut = torch.futures.Future(devices=devices)
+                self.wait()
+                fut.set_result(self._outputs)
+                self._future = fut
+                return fut
+            fut = torch.futures.Future()
             if self._work is None or self._work.is_completed():
                 exc = None if self._work is None else self._work.exception()
                 if exc is not None:
@@ -118,6 +127,44 @@ def _async(opts: Any) -> bool:
 
 def _tensors(x: Any) -> list[torch.Tensor]:
     return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+class _BackendView:
+    """What ``pg._get_backend(device)`` gives torch.distributed for a flagcx group.
+
+    torch asks a group's C++ backend whether it can split (eager init with
+    ``init_process_group(device_id=...)``, ``new_group``, ``split_group`` /
+    DeviceMesh) and calls it to connect or to join a split as a non-member; this
+    object answers for the group's Communicator.
+    """
+
+    supports_coalescing = False
+    options = None
+
+    def __init__(self, pg: "ProcessGroupFlagcx", device: torch.device) -> None:
+        self._pg = pg
+        self._device = device
+
+    @property
+    def supports_splitting(self) -> bool:
+        return self._device.type != "cpu" and self._pg.comm.can_split(self._device.type)
+
+    def name(self) -> str:
+        return BACKEND_NAME
+
+    def supports_tensor_alloc(self, device: torch.device) -> bool:
+        return False
+
+    def eager_connect_single_device(self, device: torch.device) -> None:
+        self._pg.comm.connect(device)
+        self._pg.bound_device_id = device
+
+    def perform_nocolor_split(self, device: torch.device) -> None:
+        """Join a device split as a non-member (torch calls this on ranks outside a new group)."""
+        self._pg.comm.split_device(device.type, None)
+
+    def _set_sequence_number_for_group(self) -> None:
+        """flagcx keeps no c10d sequence numbers (FLAGCX_CHECK fingerprints calls instead)."""
 
 
 class ProcessGroupFlagcx(dist.ProcessGroup):
@@ -288,6 +335,29 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         self._coalescing = False
         return FlagcxWork(self.comm.group_end())
 
+    def _get_backend(self, device: torch.device) -> _BackendView:
+        return _BackendView(self, torch.device(device))
+
+    def split_group(
+        self,
+        ranks: list[int],
+        timeout: Optional[timedelta] = None,
+        opts: Any = None,
+        group_name: Optional[str] = None,
+        group_desc: Optional[str] = None,
+        device_types: Any = None,
+    ) -> Optional["ProcessGroupFlagcx"]:
+        """torch's ``split_group`` (DeviceMesh with a bound device): every rank calls, members get the child."""
+        child = self.comm.split(list(ranks), name=group_name)
+        if child is None:
+            return None
+        pg = ProcessGroupFlagcx(child)
+        if group_name:
+            pg.setGroupName(group_name)
+        if group_desc:
+            pg.setGroupDesc(group_desc)
+        return pg
+
     def abort(self) -> None:
         self.comm.abort()
 
@@ -295,15 +365,42 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         self.comm.destroy()
 
 
+def _split_parent(global_ranks: list[int]) -> Optional[tuple[Communicator, str]]:
+    """The default group's communicator and device type when a new group must be split from it.
+
+    torch makes non-members of a new group call ``perform_nocolor_split`` exactly when
+    the default group has a bound device whose backend supports splitting; members
+    must then split too, under the same condition.
+    """
+    if not global_ranks or not dist.is_initialized():
+        return None
+    default = dist.distributed_c10d._get_default_group()
+    device = getattr(default, "bound_device_id", None)
+    if not isinstance(default, ProcessGroupFlagcx) or device is None:
+        return None
+    if not default.comm.can_split(device.type):
+        return None
+    return default.comm, device.type
+
+
 def _create_process_group(opts: Any, backend_options: Any = None) -> ProcessGroupFlagcx:
     """Creator given to ``dist.Backend.register_backend`` (extended API)."""
+    global_ranks = list(opts.global_ranks_in_group)
+    devices = {}
+    parent = _split_parent(global_ranks)
+    if parent is not None:
+        comm, device_type = parent
+        child = comm.split_device(device_type, [comm.global_ranks.index(g) for g in global_ranks])
+        if child is not None:
+            devices[device_type] = child
     comm = Communicator(
         opts.store,
         opts.group_rank,
         opts.group_size,
         timeout=opts.timeout,
         name=str(opts.group_id) or "default",
-        global_ranks=list(opts.global_ranks_in_group) or None,
+        global_ranks=global_ranks or None,
+        _device_adapters=devices,
     )
     return ProcessGroupFlagcx(comm)
 

@@ -105,6 +105,7 @@ class Communicator:
         _records: Optional[list[dict]] = None,
         _cpu_adapter: Optional[str] = None,
         _homogeneous: bool = False,
+        _device_adapters: Optional[dict[str, Adapter]] = None,
     ) -> None:
         if size < 1 or not 0 <= rank < size:
             raise InvalidArgument(f"rank {rank} is not in [0, {size}); check RANK / WORLD_SIZE", op="init")
@@ -140,6 +141,7 @@ class Communicator:
             self._hetero = HeteroAdapter(self)
         else:
             self._adapters["cpu"] = self._make_cpu_adapter()
+            self._adapters.update(_device_adapters or {})
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -181,6 +183,11 @@ class Communicator:
         choice = wanted.pop()
         if choice != "auto":
             return choice
+        if len({r["topo"]["host"] for r in self._records}) == 1:
+            reason = adapter_class("shm").unavailable_reason(torch.device("cpu"))
+            if reason is None:
+                return "shm"
+            log.warning("%s: all ranks share a host but the shm transport is unavailable (%s); using gloo", self.name, reason)
         return "gloo"
 
     def _adapter_context(self, kind: str, device: torch.device) -> AdapterContext:
@@ -816,12 +823,18 @@ class Communicator:
             holder.append(self.group_end())
 
     def split(self, ranks: Sequence[int], *, name: Optional[str] = None) -> Optional["Communicator"]:
-        """A communicator over ``ranks`` (group ranks of this one); every rank must call, non-members get None."""
+        """A communicator over ``ranks`` (group ranks of this one, in the child's rank order).
+
+        Every rank of this communicator must call it; non-members get None. Device
+        adapters that can split (NCCL: ncclCommSplit) give the child its device
+        communicator without a new bootstrap; the rest are created on first use.
+        """
         self._check_open("split")
         ranks = [int(r) for r in ranks]
         if sorted(set(ranks)) != sorted(ranks) or any(not 0 <= r < self.size for r in ranks) or not ranks:
             raise invalid("split", self.rank, "ranks", f"{ranks} must be distinct ranks in [0, {self.size})", "pass a non-empty list of distinct group ranks")
         key = self._next_key("split")
+        children = {t: self.split_device(t, ranks) for t in self._splittable()}
         if self.rank not in ranks:
             return None
         store = dist.PrefixStore(f"{key}/{','.join(map(str, ranks))}/", self._store)
@@ -833,7 +846,29 @@ class Communicator:
             name=name or f"{self.name}.split{self._seq}",
             global_ranks=[self.global_ranks[r] for r in ranks],
             _records=[self._records[r] for r in ranks],
+            _device_adapters={t: a for t, a in children.items() if a is not None},
         )
+
+    def _splittable(self) -> list[str]:
+        return [t for t, a in self._adapters.items() if t != "cpu" and callable(getattr(a, "split", None))]
+
+    def can_split(self, device_type: str) -> bool:
+        """Whether the adapter for ``device_type`` exists and splits without a new bootstrap."""
+        return self._hetero is None and device_type in self._splittable()
+
+    def split_device(self, device_type: str, ranks: Optional[Sequence[int]]) -> Optional[Adapter]:
+        """Split only the device adapter (every rank calls; ``ranks=None`` joins no child).
+
+        Returns the child adapter for members, None otherwise. Used by the torch
+        backend, whose subgroups are built by their members only.
+        """
+        adapter = self._adapters[device_type]
+        return adapter.split(list(ranks) if ranks is not None else -1)
+
+    def connect(self, device: Union[str, torch.device]) -> None:
+        """Create the adapter for ``device`` now instead of at its first op (every rank calls)."""
+        self._check_open("connect")
+        self._adapter(torch.device(device), "connect")
 
     def _subcomm(self, ranks: Sequence[int], key: str, *, cpu_adapter: Optional[str] = None) -> "Communicator":
         """A homogeneous communicator over ``ranks`` (group ranks), built by its members only.

@@ -1,0 +1,530 @@
+"""NCCL adapter: CUDA tensors through libnccl (or an NCCL-API clone) bound by :mod:`.nccl_lib`.
+
+Stream contract: every op is enqueued on ``torch.cuda.current_stream(ctx.device)`` at
+call time and returns :data:`DONE`; the core picks the stream and keeps tensors alive.
+
+Point-to-point: outside an explicit group, send/recv are queued (with the stream that
+was current when they were posted) and launched together inside one
+ncclGroupStart/End when a collective is issued on this adapter, when a group starts,
+or when one of their handles is waited on or polled. A p2p handle's ``wait`` makes
+the caller's current stream wait for the launch (an event), so two ranks that both
+post isend before irecv, or torch's ``batch_isend_irecv`` arriving as single calls,
+never deadlock. Inside group_start/group_end every op launches directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from ..bootstrap import store_allgather
+from ..errors import CommAborted, FlagcxError, FlagcxTimeout, NotSupported
+from ..tensors import overlaps
+from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
+from . import nccl_lib
+from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
+
+log = logging.getLogger("flagcx.nccl")
+
+_DTYPES = {
+    torch.int8: nccl_lib.INT8,
+    torch.uint8: nccl_lib.UINT8,
+    torch.int32: nccl_lib.INT32,
+    torch.int64: nccl_lib.INT64,
+    torch.float16: nccl_lib.FLOAT16,
+    torch.bfloat16: nccl_lib.BFLOAT16,
+    torch.float32: nccl_lib.FLOAT32,
+    torch.float64: nccl_lib.FLOAT64,
+}
+_OPS = {
+    ReduceOp.SUM: nccl_lib.SUM,
+    ReduceOp.PROD: nccl_lib.PROD,
+    ReduceOp.MAX: nccl_lib.MAX,
+    ReduceOp.MIN: nccl_lib.MIN,
+    ReduceOp.AVG: nccl_lib.AVG,
+}
+_FIRST_WITH_AVG_AND_BF16 = (2, 10, 0)
+
+
+class _Batch:
+    """Queued send/recv launched together; ``events`` (per raw stream) once launched, or the launch error."""
+
+    __slots__ = ("events", "error")
+
+    def __init__(self) -> None:
+        self.events: Optional[dict[int, torch.cuda.Event]] = None
+        self.error: Optional[BaseException] = None
+
+
+class P2PHandle(Handle):
+    """A queued send or recv: waiting launches the queue, then orders the caller's stream after it."""
+
+    __slots__ = ("_adapter", "_batch", "_stream")
+
+    def __init__(self, adapter: "NcclAdapter", batch: _Batch, stream: int) -> None:
+        self._adapter = adapter
+        self._batch = batch
+        self._stream = stream
+
+    def _launched(self) -> dict[int, torch.cuda.Event]:
+        batch = self._batch
+        if batch.events is None and batch.error is None:
+            self._adapter._flush()
+        if batch.error is not None:
+            raise batch.error
+        assert batch.events is not None
+        return batch.events
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        event = self._launched()[self._stream]
+        current = torch.cuda.current_stream(self._adapter._device)
+        if current.cuda_stream != self._stream:
+            current.wait_event(event)
+
+    def done(self) -> bool:
+        try:
+            events = self._launched()
+        except FlagcxError:
+            return True  # finished, with an error that wait() raises
+        return events[self._stream].query()
+
+
+class NcclAdapter(Adapter):
+    """Collectives and p2p on CUDA streams through NCCL (see the module docstring for the stream and p2p rules)."""
+
+    name = "nccl"
+    capabilities = Capabilities(
+        devices=frozenset({"cuda"}),
+        reduce_dtypes=FLOAT_DTYPES | INT_DTYPES,
+        reduce_ops=frozenset(_OPS),
+        stream_ordered=True,
+    )
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        if device.type != "cuda":
+            return f"NCCL moves CUDA tensors, not {device.type} tensors"
+        if not torch.cuda.is_available():
+            return "no usable CUDA device or driver (torch.cuda.is_available() is False)"
+        try:
+            nccl_lib.load()
+        except FlagcxError as exc:
+            return str(exc)
+        return None
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        super().__init__(ctx)
+        lib = nccl_lib.load()
+        what = f"NCCL init of {ctx.label}"
+        mine = b""
+        if ctx.rank == 0:
+            try:
+                mine = b"\0" + lib.get_unique_id()
+            except FlagcxError as exc:
+                mine = b"\1" + str(exc).encode()
+        # Doubles as an arrival barrier: a missing rank is a FlagcxTimeout here, not a hang inside NCCL.
+        record = store_allgather(ctx.store, "nccl/uid", ctx.rank, ctx.size, mine, ctx.timeout, what)[0]
+        if record[:1] != b"\0":
+            raise FlagcxError(f"rank 0 could not create the NCCL unique id: {record[1:].decode(errors='replace')}", op="init", rank=ctx.rank)
+        uid = record[1:]
+        cuda = torch.cuda.is_available()
+        if cuda:
+            index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+            with torch.cuda.device(index):
+                comm = lib.comm_init_rank(ctx.size, uid, ctx.rank, hint=f"communicator {ctx.label}, cuda:{index}")
+        else:
+            index = 0
+            reason = "torch sees no usable CUDA device or driver (torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU and driver"
+            comm = lib.comm_init_rank(ctx.size, uid, ctx.rank, hint=reason)  # raises NCCL's own error here
+        self._bind(lib, comm, index)
+        log.info("%s: rank %d/%d NCCL communicator on cuda:%d (%s %s)", ctx.label, ctx.rank, ctx.size, index, lib.prefix, lib.version_string)
+
+    @classmethod
+    def _wrap(cls, ctx: AdapterContext, lib: nccl_lib.NcclLib, comm: Any, index: int) -> "NcclAdapter":
+        adapter = cls.__new__(cls)
+        Adapter.__init__(adapter, ctx)
+        adapter._bind(lib, comm, index)
+        return adapter
+
+    def _bind(self, lib: nccl_lib.NcclLib, comm: Any, index: int) -> None:
+        self._lib = lib
+        self._comm = comm
+        self._index = index
+        self._device = torch.device("cuda", index)
+        self._raw_stream = torch._C._cuda_getCurrentRawStream
+        self._allreduce = lib.AllReduce
+        self._broadcast = lib.Broadcast
+        self._reduce = lib.Reduce
+        self._allgather = lib.AllGather
+        self._reducescatter = lib.ReduceScatter
+        self._send = lib.Send
+        self._recv = lib.Recv
+        self._group_start = lib.GroupStart
+        self._group_end = lib.GroupEnd
+        self._pending: list[tuple[bool, torch.Tensor, int, torch.cuda.Stream]] = []
+        self._batch = _Batch()
+        self._depth = 0
+        self._async_out = lib.ffi.new("int*")
+        self._barrier_buf: Optional[torch.Tensor] = None
+        self._splits = 0
+        if lib.version < _FIRST_WITH_AVG_AND_BF16:
+            self.capabilities = Capabilities(
+                devices=self.capabilities.devices,
+                reduce_dtypes=self.capabilities.reduce_dtypes - {torch.bfloat16},
+                reduce_ops=self.capabilities.reduce_ops - {ReduceOp.AVG},
+                stream_ordered=True,
+            )
+
+    # ------------------------------------------------------------------ errors
+    def _error(self, rc: int, call: str, op: str) -> FlagcxError:
+        return self._lib.error(rc, call, self._comm, op=op, rank=self.rank, hint=f"communicator {self.ctx.label}")
+
+    def check_async_error(self) -> None:
+        """Raise the error NCCL reports for this communicator's in-flight work (ncclCommGetAsyncError), if any."""
+        if self._comm is None or self._lib.CommGetAsyncError is None:
+            return
+        rc = self._lib.CommGetAsyncError(self._comm, self._async_out)
+        if rc:
+            raise self._error(rc, "CommGetAsyncError", "check_async_error")
+        err = self._async_out[0]
+        if err not in (nccl_lib.SUCCESS, nccl_lib.IN_PROGRESS):
+            raise self._error(err, "CommGetAsyncError", "asynchronous NCCL error")
+
+    @staticmethod
+    def _dtype(t: torch.Tensor, op: str) -> int:
+        dt = _DTYPES.get(t.dtype)
+        if dt is None:
+            raise NotSupported(f"NCCL has no datatype for {t.dtype}; supported: {', '.join(map(str, _DTYPES))}", op=op)
+        return dt
+
+    # ------------------------------------------------------------------ collectives
+    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+        if self._pending:
+            self._flush()
+        n = send.numel()
+        if n:
+            rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allreduce"), _OPS[op], self._comm, self._raw_stream(self._index))
+            if rc:
+                raise self._error(rc, "AllReduce", "allreduce")
+        return DONE
+
+    def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        if self._pending:
+            self._flush()
+        n = send.numel()
+        if n:
+            if overlaps(send, recv) and send.data_ptr() != recv.data_ptr() + self.rank * n * send.element_size():
+                send = send.clone()  # NCCL defines only the in-place layout (send is this rank's block of recv)
+            rc = self._allgather(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allgather"), self._comm, self._raw_stream(self._index))
+            if rc:
+                raise self._error(rc, "AllGather", "allgather")
+        return DONE
+
+    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+        if self._pending:
+            self._flush()
+        n = recv.numel()
+        if n:
+            if overlaps(send, recv) and recv.data_ptr() != send.data_ptr() + self.rank * n * send.element_size():
+                send = send.clone()  # NCCL defines only the in-place layout (recv is this rank's block of send)
+            rc = self._reducescatter(
+                send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "reducescatter"), _OPS[op], self._comm, self._raw_stream(self._index)
+            )
+            if rc:
+                raise self._error(rc, "ReduceScatter", "reducescatter")
+        return DONE
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
+        if self._pending:
+            self._flush()
+        n = tensor.numel()
+        if n:
+            ptr = tensor.data_ptr()
+            rc = self._broadcast(ptr, ptr, n, self._dtype(tensor, "broadcast"), root, self._comm, self._raw_stream(self._index))
+            if rc:
+                raise self._error(rc, "Broadcast", "broadcast")
+        return DONE
+
+    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
+        if self._pending:
+            self._flush()
+        n = send.numel()
+        if n:
+            rc = self._reduce(
+                send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "reduce"), _OPS[op], root, self._comm, self._raw_stream(self._index)
+            )
+            if rc:
+                raise self._error(rc, "Reduce", "reduce")
+        return DONE
+
+    def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
+        n = send.numel() * send.element_size()
+        plan = [(True, send.data_ptr(), n, root)]
+        if self.rank == root:
+            assert recv is not None
+            base = recv.data_ptr()
+            plan += [(False, base + r * n, n, r) for r in range(self.size)]
+        return self._grouped(plan, "gather")
+
+    def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
+        n = recv.numel() * recv.element_size()
+        plan = []
+        if self.rank == root:
+            assert send is not None
+            if overlaps(send, recv):
+                send = send.clone()
+            base = send.data_ptr()
+            plan += [(True, base + r * n, n, r) for r in range(self.size)]
+        plan.append((False, recv.data_ptr(), n, root))
+        return self._grouped(plan, "scatter")
+
+    def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        n = send.numel() * send.element_size() // self.size
+        counts = [n] * self.size
+        return self.alltoallv(send, counts, recv, counts)
+
+    def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
+        if overlaps(send, recv):
+            send = send.clone()
+        plan = []
+        s, r = send.data_ptr(), recv.data_ptr()
+        for peer in range(self.size):
+            plan.append((True, s, send_counts[peer], peer))
+            plan.append((False, r, recv_counts[peer], peer))
+            s += send_counts[peer]
+            r += recv_counts[peer]
+        return self._grouped(plan, "alltoallv")
+
+    def _grouped(self, plan: list[tuple[bool, int, int, int]], op: str) -> Handle:
+        """Launch (is_send, byte pointer, bytes, peer) p2p ops in one NCCL group on the current stream (empty ones skipped)."""
+        if self._pending:
+            self._flush()
+        stream = self._raw_stream(self._index)
+        comm = self._comm
+        err = None
+        rc = self._group_start()
+        if rc:
+            raise self._error(rc, "GroupStart", op)
+        for is_send, ptr, nbytes, peer in plan:
+            if nbytes:
+                rc = (self._send if is_send else self._recv)(ptr, nbytes, nccl_lib.UINT8, peer, comm, stream)
+                if rc and err is None:
+                    err = self._error(rc, "Send" if is_send else "Recv", f"{op} with {self.ctx.peer_name(peer)}")
+        rc = self._group_end()
+        if rc and err is None:
+            err = self._error(rc, "GroupEnd", op)
+        if err is not None:
+            raise err
+        return DONE
+
+    def barrier(self) -> Handle:
+        """An allreduce of one int on the current stream; returns once every rank's barrier has completed on the device."""
+        if self._barrier_buf is None:
+            self._barrier_buf = torch.zeros(1, dtype=torch.int32, device=self._device)
+        self.allreduce(self._barrier_buf, self._barrier_buf, ReduceOp.SUM)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._device))
+        self._host_wait(event, "barrier")
+        return DONE
+
+    def _host_wait(self, event: torch.cuda.Event, op: str) -> None:
+        """Block the host until ``event`` completes, polling NCCL's async error; FlagcxTimeout after ctx.timeout."""
+        deadline = time.monotonic() + self.ctx.timeout
+        delay = 1e-5
+        while not event.query():
+            self.check_async_error()
+            if time.monotonic() > deadline:
+                raise FlagcxTimeout(
+                    f"not finished on the device after {self.ctx.timeout:g} s on {self.ctx.label} (a peer did not arrive); "
+                    "abort the communicator and create a new one",
+                    op=op,
+                    rank=self.rank,
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+
+    # ------------------------------------------------------------------ point to point
+    def send(self, tensor: torch.Tensor, peer: int) -> Handle:
+        return self._p2p(True, tensor, peer)
+
+    def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
+        if peer is None:
+            raise NotSupported("NCCL cannot receive from any source; pass the sending rank", op="recv", rank=self.rank)
+        return self._p2p(False, tensor, peer)
+
+    def _p2p(self, is_send: bool, tensor: torch.Tensor, peer: int) -> Handle:
+        n = tensor.numel()
+        if not n:
+            return DONE
+        if self._depth:
+            fn, call = (self._send, "Send") if is_send else (self._recv, "Recv")
+            rc = fn(tensor.data_ptr(), n, self._dtype(tensor, call.lower()), peer, self._comm, self._raw_stream(self._index))
+            if rc:
+                raise self._error(rc, call, f"{call.lower()} with {self.ctx.peer_name(peer)}")
+            return DONE
+        stream = torch.cuda.current_stream(self._device)
+        self._pending.append((is_send, tensor, peer, stream))
+        return P2PHandle(self, self._batch, stream.cuda_stream)
+
+    def _flush(self) -> None:
+        """Launch every queued send/recv inside one NCCL group, each on the stream it was posted on."""
+        pending, self._pending = self._pending, []
+        batch, self._batch = self._batch, _Batch()
+        comm = self._comm
+        err = None
+        rc = self._group_start()
+        if rc:
+            err = self._error(rc, "GroupStart", "send/recv")
+        else:
+            for is_send, tensor, peer, stream in pending:
+                fn, call = (self._send, "Send") if is_send else (self._recv, "Recv")
+                rc = fn(tensor.data_ptr(), tensor.numel(), self._dtype(tensor, call.lower()), peer, comm, stream.cuda_stream)
+                if rc and err is None:
+                    err = self._error(rc, call, f"{call.lower()} with {self.ctx.peer_name(peer)}")
+            rc = self._group_end()
+            if rc and err is None:
+                err = self._error(rc, "GroupEnd", "send/recv")
+        if err is not None:
+            batch.error = err
+            raise err
+        events: dict[int, torch.cuda.Event] = {}
+        for _, _, _, stream in pending:
+            if stream.cuda_stream not in events:
+                event = torch.cuda.Event()
+                event.record(stream)
+                events[stream.cuda_stream] = event
+        batch.events = events
+
+    def group_start(self) -> None:
+        if self._pending:
+            self._flush()
+        rc = self._group_start()
+        if rc:
+            raise self._error(rc, "GroupStart", "group_start")
+        self._depth += 1
+
+    def group_end(self) -> None:
+        if self._depth == 0:
+            raise FlagcxError("group_end without group_start", op="group_end", rank=self.rank)
+        self._depth -= 1
+        rc = self._group_end()
+        if rc:
+            raise self._error(rc, "GroupEnd", "group_end")
+
+    # ------------------------------------------------------------------ extras beyond the contract
+    def allreduce_premul(self, send: torch.Tensor, recv: torch.Tensor, factor: float) -> Handle:
+        """SUM of ``factor * x`` in one NCCL kernel (ncclRedOpCreatePreMulSum, NCCL >= 2.11), floating dtypes only."""
+        lib = self._lib
+        if lib.RedOpCreatePreMulSum is None or lib.RedOpDestroy is None:
+            raise NotSupported(f"{lib.prefix}RedOpCreatePreMulSum is missing from {lib.path} (needs NCCL >= 2.11)", op="allreduce", rank=self.rank)
+        if send.dtype not in FLOAT_DTYPES:
+            raise NotSupported(f"PREMUL_SUM needs a floating dtype, got {send.dtype}", op="allreduce", rank=self.rank)
+        if self._pending:
+            self._flush()
+        n = send.numel()
+        if not n:
+            return DONE
+        dt = self._dtype(send, "allreduce")
+        scalar = torch.tensor([factor], dtype=send.dtype)  # host memory, read before the create call returns
+        op_out = lib.ffi.new("int*")
+        rc = lib.RedOpCreatePreMulSum(op_out, lib.ffi.cast("void*", scalar.data_ptr()), dt, nccl_lib.SCALAR_HOST_IMMEDIATE, self._comm)
+        if rc:
+            raise self._error(rc, "RedOpCreatePreMulSum", "allreduce")
+        try:
+            rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, dt, op_out[0], self._comm, self._raw_stream(self._index))
+            if rc:
+                raise self._error(rc, "AllReduce", "allreduce")
+        finally:
+            lib.RedOpDestroy(op_out[0], self._comm)  # allowed once the last call using the op has returned
+        return DONE
+
+    def register(self, tensor: torch.Tensor) -> Any:
+        """Register ``tensor``'s memory with the communicator (ncclCommRegister, NCCL >= 2.19); returns the handle for :meth:`deregister`."""
+        lib = self._lib
+        if lib.CommRegister is None:
+            raise NotSupported(f"{lib.prefix}CommRegister is missing from {lib.path} (needs NCCL >= 2.19)", op="register", rank=self.rank)
+        out = lib.ffi.new("void**")
+        rc = lib.CommRegister(self._comm, tensor.data_ptr(), tensor.numel() * tensor.element_size(), out)
+        if rc:
+            raise self._error(rc, "CommRegister", "register")
+        return out[0]
+
+    def deregister(self, handle: Any) -> None:
+        """Undo :meth:`register`."""
+        lib = self._lib
+        if lib.CommDeregister is None:
+            raise NotSupported(f"{lib.prefix}CommDeregister is missing from {lib.path}", op="deregister", rank=self.rank)
+        rc = lib.CommDeregister(self._comm, handle)
+        if rc:
+            raise self._error(rc, "CommDeregister", "deregister")
+
+    # ------------------------------------------------------------------ subgroups and lifetime
+    def split(self, ranks_or_color: Union[Sequence[int], int], key: Optional[int] = None) -> Optional["NcclAdapter"]:
+        """A child adapter from ncclCommSplit; every rank of this adapter must call it.
+
+        ``ranks_or_color`` is either the list of member ranks (child ranks follow its
+        order; non-members get None) or an NCCL color (ranks with equal colors form one
+        child, ordered by ``key``; a negative color joins none and gets None).
+        """
+        lib = self._lib
+        if lib.CommSplit is None:
+            raise NotSupported(f"{lib.prefix}CommSplit is missing from {lib.path} (needs NCCL >= 2.18)", op="split", rank=self.rank)
+        if self._pending:
+            self._flush()
+        if isinstance(ranks_or_color, int):
+            color = ranks_or_color if ranks_or_color >= 0 else nccl_lib.SPLIT_NOCOLOR
+            members: Optional[list[int]] = None
+            key = self.rank if key is None else key
+        else:
+            members = [int(r) for r in ranks_or_color]
+            inside = self.rank in members
+            color = zlib.crc32(",".join(map(str, members)).encode()) & 0x7FFFFFFF if inside else nccl_lib.SPLIT_NOCOLOR
+            key = (members.index(self.rank) if inside else 0) if key is None else key
+        comm = lib.comm_split(self._comm, color, key, rank=self.rank)
+        self._splits += 1
+        if comm is None:
+            return None
+        rank, size = lib.comm_int("CommUserRank", comm), lib.comm_int("CommCount", comm)
+        g = self.ctx.global_ranks
+        child = AdapterContext(
+            store=dist.PrefixStore(f"split{self._splits}/", self.ctx.store),
+            rank=rank,
+            size=size,
+            timeout=self.ctx.timeout,
+            device=self._device,
+            label=f"{self.ctx.label}.split{self._splits}",
+            global_ranks=[g[r] for r in members] if members is not None and g else [],
+        )
+        return NcclAdapter._wrap(child, lib, comm, self._index)
+
+    def _discard_pending(self, why: str) -> None:
+        if self._pending:
+            log.warning("%s: %d queued send/recv dropped (communicator %s before they were launched)", self.ctx.label, len(self._pending), why)
+            self._batch.error = CommAborted(f"communicator {self.ctx.label} was {why} before this send/recv was launched", op="send/recv", rank=self.rank)
+            self._pending = []
+            self._batch = _Batch()
+
+    def abort(self) -> None:
+        """ncclCommAbort: stop in-flight work without waiting for peers."""
+        comm, self._comm = getattr(self, "_comm", None), None
+        if comm is None:
+            return
+        self._discard_pending("aborted")
+        rc = self._lib.CommAbort(comm)
+        if rc:
+            log.warning("%s: %s", self.ctx.label, self._lib.error(rc, "CommAbort", rank=self.rank))
+
+    def close(self) -> None:
+        """ncclCommDestroy (idempotent)."""
+        comm, self._comm = getattr(self, "_comm", None), None
+        if comm is None:
+            return
+        self._discard_pending("closed")
+        rc = self._lib.CommDestroy(comm)
+        if rc:
+            log.warning("%s: %s", self.ctx.label, self._lib.error(rc, "CommDestroy", rank=self.rank))
