@@ -1,0 +1,505 @@
+"""flagcx-bench: flags, sizes, busbw factors, the exact nccl-tests layout, exports, and real runs.
+
+The unit tests check the pure parts against nccl-tests' formulas and printf formats;
+the real runs start the command as a subprocess (2 spawned ranks, or mpiexec for the
+mpi backend) on small sizes and check the report, the exit code and the exports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flagcx.bench import data, export, report
+from flagcx.bench.colls import COLLECTIVES, allocate
+from flagcx.bench.options import DTYPES, OPS, parse, parse_size, size_list
+from flagcx.bench.results import Row, Run, Timing
+
+# ----------------------------------------------------------------------------- flags and sizes
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("8", 8), ("0", 0), ("64K", 65536), ("64k", 65536), ("1M", 1 << 20), ("16m", 16 << 20), ("2G", 2 << 30), ("1.5K", 1536), (" 3 ", 3)],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "K", "1X", "-8", "1KB2", "1e3"])
+def test_parse_size_rejects(text):
+    with pytest.raises(Exception, match="invalid size"):
+        parse_size(text)
+
+
+def test_size_list_factor_and_increment():
+    assert size_list(8, 65536, 8, 1 << 20) == [8, 64, 512, 4096, 32768]
+    assert size_list(8, 16 << 20, 4, 1 << 20)[-1] == 8 << 20
+    assert size_list(1024, 4096, 1, 1024) == [1024, 2048, 3072, 4096]
+    assert size_list(1000, 4500, 1, 1000) == [1000, 2000, 3000, 4000]
+    assert size_list(32 << 20, 32 << 20, 1, 1 << 20) == [32 << 20]
+    assert size_list(0, 0, 2, 0) == [0]
+    assert size_list(0, 2, 1, 1) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("args", [(8, 4, 2, 1), (0, 8, 2, 1), (0, 8, 1, 0)])
+def test_size_list_rejects(args):
+    with pytest.raises(ValueError):
+        size_list(*args)
+
+
+def test_parse_flags():
+    o = parse(["allreduce", "-b", "8", "-e", "64K", "-f", "8", "-n", "5", "-w", "2", "-c", "0", "-r", "1"])
+    assert (o.collectives, o.sizes, o.iters, o.warmup, o.check, o.root) == (["allreduce"], [8, 64, 512, 4096, 32768], 5, 2, 0, 1)
+    assert (o.dtypes, o.ops, o.backends, o.device, o.nproc, o.graph_replays) == (["float"], ["sum"], ["flagcx"], "cpu", None, 0)
+    d = parse(["reduce"])
+    assert (d.min_bytes, d.max_bytes, d.step_factor, d.step_bytes, d.iters, d.warmup, d.check) == (32 << 20, 32 << 20, 1, 1 << 20, 20, 1, 1)
+    a = parse(["all", "-d", "all", "-o", "all", "--compare", "gloo,flagcx,mpi", "--nproc", "3"])
+    assert a.collectives == list(COLLECTIVES)
+    assert a.dtypes == ["int8", "uint8", "int32", "uint32", "int64", "uint64", "half", "float", "double", "bfloat16"]
+    assert a.ops == ["sum", "prod", "max", "min", "avg"]
+    assert (a.backends, a.nproc) == (["gloo", "flagcx", "mpi"], 3)
+    i = parse(["allgather,scatter", "-b", "1K", "-e", "3K", "-i", "1K", "-d", "half,int8", "-o", "max"])
+    assert (i.collectives, i.sizes, i.dtypes, i.ops) == (["allgather", "scatter"], [1024, 2048, 3072], ["half", "int8"], ["max"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["allreduce", "-G", "2"], "needs GPU tensors"),
+        (["allreduce", "--backend", "nccl"], "needs GPU tensors"),
+        (["allreduce", "--device", "cuda", "--compare", "nccl,gloo"], "use --device cpu"),
+        (["allreduce", "-d", "float8"], "unknown datatype"),
+        (["allreduce", "-o", "mulsum"], "unknown reduce op"),
+        (["allreduce", "--compare", "gloo,gloo"], "twice"),
+        (["allreduce", "--compare", "gloo,ucc"], "unknown backend"),
+        (["alltoallv"], "unknown collective"),
+        (["allreduce", "-b", "1M", "-e", "1K"], "larger than -e"),
+        (["allreduce", "-n", "0"], "must be >= 1"),
+        (["allreduce", "-r", "-2"], "every root"),
+    ],
+)
+def test_parse_rejects(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- counts and busbw
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 16])
+def test_busbw_factors(n):
+    expect = {
+        "allreduce": 2 * (n - 1) / n,
+        "allgather": (n - 1) / n,
+        "reducescatter": (n - 1) / n,
+        "alltoall": (n - 1) / n,
+        "gather": (n - 1) / n,
+        "scatter": (n - 1) / n,
+        "broadcast": 1.0,
+        "reduce": 1.0,
+        "sendrecv": 1.0,
+    }
+    assert set(expect) == set(COLLECTIVES)
+    for name, factor in expect.items():
+        assert COLLECTIVES[name].busbw(3.0, n) == pytest.approx(3.0 * factor, abs=0, rel=1e-15), name
+
+
+def test_counts_follow_nccl_tests():
+    # (printed count, elements in the printed size) for 1000 bytes of float on 3 ranks.
+    for name in ("allreduce", "broadcast", "reduce", "sendrecv"):
+        assert COLLECTIVES[name].counts(1000, 4, 3) == (250, 250)
+    for name in ("allgather", "reducescatter", "alltoall", "gather", "scatter"):
+        assert COLLECTIVES[name].counts(1000, 4, 3) == (83, 249)
+    assert COLLECTIVES["allgather"].counts(8, 4, 4) == (0, 0)
+    reduces = {n for n, c in COLLECTIVES.items() if c.reduces}
+    rooted = {n for n, c in COLLECTIVES.items() if c.rooted}
+    assert reduces == {"allreduce", "reducescatter", "reduce"}
+    assert rooted == {"broadcast", "reduce", "gather", "scatter"}
+
+
+def test_inplace_layouts_alias_like_nccl():
+    rank, n, block = 2, 4, 5
+    ag = allocate(COLLECTIVES["allgather"], block, rank, n, torch.float32, torch.device("cpu"), True)
+    assert ag.recv.numel() == n * block and ag.send.data_ptr() == ag.recv.data_ptr() + rank * block * 4
+    rs = allocate(COLLECTIVES["reducescatter"], block, rank, n, torch.float32, torch.device("cpu"), True)
+    assert rs.send.numel() == n * block and rs.recv.data_ptr() == rs.send.data_ptr() + rank * block * 4
+    ar = allocate(COLLECTIVES["alltoall"], block, rank, n, torch.float32, torch.device("cpu"), True)
+    assert ar.send is ar.recv and ar.send.numel() == n * block
+    oop = allocate(COLLECTIVES["gather"], block, rank, n, torch.int8, torch.device("cpu"), False)
+    assert (oop.send.numel(), oop.recv.numel()) == (block, n * block) and oop.send.data_ptr() != oop.recv.data_ptr()
+
+
+# ----------------------------------------------------------------------------- validation data
+
+
+def _reduce_in_dtype(values: list[torch.Tensor], op: str, n: int) -> torch.Tensor:
+    acc = values[0].clone()
+    for v in values[1:]:
+        if op in ("sum", "avg"):
+            acc = acc + v
+        elif op == "prod":
+            acc = acc * v
+        elif op == "max":
+            acc = torch.maximum(acc, v)
+        else:
+            acc = torch.minimum(acc, v)
+    if op == "avg":
+        acc = acc / n if acc.dtype.is_floating_point else torch.div(acc, n, rounding_mode="trunc")
+    return acc.to(values[0].dtype)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int32", "int64", "half", "float", "double", "bfloat16"])
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_pattern_results_are_exact_in_the_dtype(dtype, n):
+    dt = DTYPES[dtype]
+    for op in OPS:
+        p = data.Pattern(dt, op, n)
+        inputs = [p.values(r, 5, 997, rep=3) for r in range(n)]
+        as_dtype = [v.to(dt) for v in inputs]
+        assert all(torch.equal(a.to(torch.int64), v) for a, v in zip(as_dtype, inputs)), f"{op}: input not exact"
+        got = _reduce_in_dtype(as_dtype, op, n)
+        want = p.reduced(5, 997, rep=3)
+        assert data.count_wrong(got, want) == 0, f"{dtype} {op} n={n}"
+        assert len(set(want.tolist())) > 1, f"{dtype} {op} n={n}: degenerate data"
+
+
+def _simulate(name: str, sends: list[torch.Tensor], block: int, root: int, op: str, n: int) -> list[torch.Tensor]:
+    """What each rank's output holds after the collective, computed by hand."""
+    blocks = lambda t: [t[i * block : (i + 1) * block] for i in range(n)]  # noqa: E731
+    if name in ("allreduce", "reduce"):
+        return [_reduce_in_dtype(sends, op, n)] * n
+    if name == "reducescatter":
+        full = _reduce_in_dtype(sends, op, n)
+        return blocks(full)
+    if name in ("allgather", "gather"):
+        return [torch.cat(sends)] * n
+    if name == "broadcast":
+        return [sends[root]] * n
+    if name == "scatter":
+        return blocks(sends[root])
+    if name == "alltoall":
+        return [torch.cat([blocks(sends[q])[r] for q in range(n)]) for r in range(n)]
+    if name == "sendrecv":
+        return [sends[(r - 1) % n] for r in range(n)]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", list(COLLECTIVES))
+def test_expected_matches_a_hand_simulation(name):
+    coll, n, root, block = COLLECTIVES[name], 3, 1, 7
+    op = "sum" if coll.reduces else "none"
+    p = data.Pattern(torch.float32, op, n)
+    bufs = [allocate(coll, block, r, n, torch.float32, torch.device("cpu"), False) for r in range(n)]
+    for r, b in enumerate(bufs):
+        data.fill(b, p, r, rep=2)
+        assert b.recv.abs().sum() == 0
+    outs = _simulate(name, [b.send for b in bufs], block, root, op, n)
+    for r in range(n):
+        want = data.expected(coll, p, r, root, block, rep=2)
+        if want is None:
+            assert name in ("reduce", "gather") and r != root
+            continue
+        assert data.count_wrong(outs[r], want) == 0, f"{name} rank {r}"
+        assert data.count_wrong(outs[(r + 1) % n], want) > 0 or name in ("allreduce", "allgather", "broadcast", "reduce", "gather")
+
+
+def test_count_wrong_counts_elements():
+    want = torch.arange(10)
+    got = want.to(torch.float32).clone()
+    assert data.count_wrong(got, want) == 0
+    got[3] = 99
+    got[7] = float("nan")
+    assert data.count_wrong(got, want) == 2
+    assert data.count_wrong(got[:4], want) == 10
+    assert data.count_wrong(got, None) == 0
+
+
+# ----------------------------------------------------------------------------- the text layout
+
+HEADER = [
+    "#",
+    "#                                                              out-of-place                       in-place          ",
+    "#       size         count      type   redop    root     time   algbw   busbw  #wrong     time   algbw   busbw  #wrong ",
+    "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)             (us)  (GB/s)  (GB/s)         ",
+]
+
+
+def test_header_is_nccl_tests_exactly():
+    assert report.header() == HEADER
+
+
+def test_row_matches_nccl_tests_printf():
+    row = Row(8, 2, "float", "sum", -1, Timing(10.52, 0.0, 0.0, 0), Timing(10.30, 0.0, 0.0, 0))
+    assert report.row_line(row) == "           8             2     float     sum      -1    10.52    0.00    0.00       0    10.30    0.00    0.00       0"
+    big = Row(134217728, 33554432, "bfloat16", "avg", 3, Timing(1709.3, 78.52, 314.1, 12), Timing(123456.7, 1.087, 0.5, 0))
+    assert (
+        report.row_line(big)
+        == "   134217728      33554432  bfloat16     avg       3  1709.30   78.52  314.10      12   123457    1.09    0.50       0"
+    )
+    no_check = Row(64, 16, "int32", "none", 0, Timing(5.0, 0.01, 0.02, None), None)
+    line = report.row_line(no_check)
+    assert line == "          64            16     int32    none       0     5.00    0.01    0.02    N/A      N/A     N/A     N/A     N/A"
+    na = report.row_line(Row(64, 16, "int32", "none", 0, Timing(5.0, 0.01, 0.02, 0), None))
+    assert len(na) == len(report.row_line(Row(64, 16, "int32", "none", 0, Timing(5.0, 0.01, 0.02, 0), Timing(5.0, 0.01, 0.02, 0))))
+    bad = report.row_line(Row(64, 16, "uint32", "sum", -1, unsupported="gloo has no uint32"))
+    assert bad == "          64            16    uint32     sum      -1  not supported: gloo has no uint32"
+
+
+@pytest.mark.parametrize(
+    "value,width,text",
+    [
+        (0.0, 6, "  0.00"),
+        (999.99, 6, "999.99"),
+        (1000.0, 6, "1000.0"),
+        (12345.0, 6, " 12345"),
+        (123456.0, 6, "123456"),
+        (1234567.0, 6, " 1e+06"),
+        (9999.99, 7, "9999.99"),
+        (12345.678, 7, "12345.7"),
+        (123456.7, 7, " 123457"),
+        (1234567.0, 7, "1234567"),
+        (12345678.0, 7, "1.2e+07"),
+        (0.004, 7, "   0.00"),
+    ],
+)
+def test_number_fallback_like_getFloatStr(value, width, text):
+    assert report.fmt_num(value, width) == text
+    assert len(text) == width
+
+
+def _run(rows, backend="flagcx") -> Run:
+    return Run("allreduce", "all_reduce_perf", backend, f"{backend} test", 2, 20, rows)
+
+
+def test_footer_and_average_of_printed_busbw():
+    rows = [
+        Row(8, 2, "float", "sum", -1, Timing(10, 1.0, 1.0, 0), Timing(10, 2.0, 2.0, 0)),
+        Row(16, 4, "float", "sum", -1, Timing(10, 3.0, 3.0, 0), None),
+        Row(16, 4, "uint32", "sum", -1, unsupported="nope"),
+    ]
+    run = _run(rows)
+    assert run.avg_busbw() == 2.0
+    assert report.footer(run) == ["# Out of bounds values : 0 OK", "# Avg bus bandwidth    : 2 "]
+    rows[1].out_of_place.wrong = 5
+    assert report.footer(run)[0] == "# Out of bounds values : 1 FAILED"
+    assert report.conclusion("all_reduce_perf") == ["#", "# Collective test concluded: all_reduce_perf"]
+
+
+def test_preamble_and_device_lines():
+    dev = report.device_line(3, 4242, "myhost", -1, "cpu", "Xeon (2 cpus)")
+    assert dev == "#  Rank  3 Group  0 Pid   4242 on     myhost device -1 [cpu] Xeon (2 cpus)"
+    lines = report.preamble("all_reduce_perf", "# flagcx-bench version x", 8, 65536, 8, 1 << 20, 1, 20, 1, 0, [dev])
+    assert lines[1] == "# Collective test starting: all_reduce_perf"
+    assert lines[2] == (
+        "# nThread 1 nGpus 1 minBytes 8 maxBytes 65536 step: 8(factor) warmup iters: 1 iters: 20 agg iters: 1 validation: 1 graph: 0 unalign: 0"
+    )
+    assert lines[3:] == ["#", "# Using devices", dev]
+    step = report.preamble("p", "#", 0, 10, 1, 1024, 1, 20, 0, 0, [])
+    assert "step: 1024(bytes)" in step[2]
+    assert export.device_dict(dev) == {
+        "rank": 3,
+        "group": 0,
+        "pid": 4242,
+        "hostname": "myhost",
+        "device": -1,
+        "device_hex": "cpu",
+        "device_info": "Xeon (2 cpus)",
+    }
+
+
+def test_ratio_table():
+    base = _run([Row(8, 2, "float", "sum", -1, Timing(10, 1.0, 2.0, 0), Timing(20, 1.0, 1.0, 0))])
+    other = _run([Row(8, 2, "float", "sum", -1, Timing(30, 0.5, 1.0, 0), None)], backend="gloo")
+    lines = report.ratio_table([base, other])
+    assert lines[1].startswith("# Ratios vs flagcx")
+    assert lines[-1].split() == ["8", "float", "sum", "-1", "gloo", "3", "0.5", "N/A", "N/A"]
+    tiny = _run([Row(8, 2, "float", "sum", -1, Timing(0.04, 25.0, 50.0, 0), None)], backend="mpi")
+    assert report.ratio_table([base, tiny])[-1].split()[5:7] == ["0.004", "25"]
+
+
+# ----------------------------------------------------------------------------- JSON and CSV
+
+
+def test_json_document_and_csv_rows(tmp_path):
+    rows = [
+        Row(8, 2, "float", "sum", -1, Timing(10, 1.0, 1.0, 0, [10, 11]), Timing(12, 2.0, 2.0, 0, [12, 13])),
+        Row(16, 4, "float", "sum", -1, Timing(10, 3.0, 3.0, None), None),
+        Row(8, 2, "uint32", "sum", -1, unsupported="no uint32"),
+    ]
+    runs = [_run(rows), _run(rows[:1], backend="gloo")]
+    dev = report.device_line(0, 1, "h", -1, "cpu", "x")
+    info = {"torch": "2.13", "flagcx": "0.1.0", "flagcx_commit": "abc1234", "nccl": None, "mpi": "MPICH Version: 5"}
+    doc = export.json_document(runs, {"iterations": 20}, [dev], info, "h", ["allreduce"], "2026-01-02 03:04:05", "2026-01-02 03:04:06")
+    json.dumps(doc)
+    assert (doc["backend"], doc["flagcx_commit"], doc["host"], doc["date"], doc["mpi_version"]) == ("flagcx", "abc1234", "h", "2026-01-02", "MPICH Version: 5")
+    assert doc["devices"][0]["hostname"] == "h" and doc["config"] == {"iterations": 20}
+    r0 = doc["results"][0]
+    assert (r0["size"], r0["count"], r0["type"], r0["redop"], r0["root"], r0["actual_iterations"]) == (8, 2, "float", "sum", -1, 20)
+    assert r0["out_of_place"] == {"time": 10, "alg_bw": 1.0, "bus_bw": 1.0, "nwrong": 0, "times_us": [10, 11]}
+    assert doc["results"][1]["in_place"] is None and doc["results"][1]["out_of_place"]["nwrong"] is None
+    assert doc["results"][2]["unsupported"] == "no uint32"
+    assert doc["out_of_bounds"] == {"count": 0, "okay": True}
+    assert doc["average_bus_bandwidth"]["bandwidth"] == pytest.approx(2.0)
+    assert [r["backend"] for r in doc["runs"]] == ["flagcx", "gloo"]
+    path = tmp_path / "r.csv"
+    export.write_csv(str(path), runs)
+    got = list(csv.DictReader(path.open()))
+    assert [(g["backend"], g["size"], g["mode"], g["status"]) for g in got] == [
+        ("flagcx", "8", "out-of-place", "ok"),
+        ("flagcx", "8", "in-place", "ok"),
+        ("flagcx", "16", "out-of-place", "ok"),
+        ("flagcx", "16", "in-place", "n/a"),
+        ("flagcx", "8", "", "not supported: no uint32"),
+        ("gloo", "8", "out-of-place", "ok"),
+        ("gloo", "8", "in-place", "ok"),
+    ]
+    assert float(got[1]["time_us"]) == 12 and float(got[1]["busbw_gbps"]) == 2.0 and got[1]["wrong"] == "0"
+    assert got[2]["wrong"] == ""
+
+
+# ----------------------------------------------------------------------------- real runs
+
+ROW = re.compile(r"^ {0,11}\d+ +\d+ +\S+ +\S+ +-?\d+  ")
+
+
+def _bench(*args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLAGCX_TIMEOUT": "60"}
+    return subprocess.run(
+        [sys.executable, "-m", "flagcx.bench", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+
+
+def _tables(stdout: str) -> list[list[str]]:
+    """Result rows of each table (a table starts after the header's units line)."""
+    tables: list[list[str]] = []
+    for line in stdout.splitlines():
+        if line == HEADER[3]:
+            tables.append([])
+        elif ROW.match(line) and tables:
+            tables[-1].append(line)
+    return tables
+
+
+def _cells(line: str) -> list[str]:
+    return line.split()
+
+
+def test_real_allreduce_sweep_layout():
+    p = _bench("allreduce", "-b", "8", "-e", "64K", "-f", "8", "--nproc", "2")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    assert out[0].startswith("# flagcx-bench version ") and "torch=" in out[0]
+    assert out[1] == "# Collective test starting: all_reduce_perf"
+    assert out[2].startswith("# nThread 1 nGpus 1 minBytes 8 maxBytes 65536 step: 8(factor) warmup iters: 1 iters: 20")
+    devices = [line for line in out if line.startswith("#  Rank ")]
+    assert [d.split()[2] for d in devices] == ["0", "1"] and all("device -1 [cpu]" in d for d in devices)
+    i = out.index(HEADER[1])
+    assert out[i - 1 : i + 3] == HEADER
+    (rows,) = _tables(p.stdout)
+    assert [int(_cells(r)[0]) for r in rows] == [8, 64, 512, 4096, 32768]
+    for r in rows:
+        c = _cells(r)
+        assert c[1:5] == [str(int(c[0]) // 4), "float", "sum", "-1"]
+        assert c[8] == "0" and c[12] == "0", r
+        assert float(c[5]) > 0 and float(c[9]) > 0
+    assert "# Out of bounds values : 0 OK" in out
+    avg = [line for line in out if line.startswith("# Avg bus bandwidth    : ")]
+    assert len(avg) == 1 and float(avg[0].split(":")[1]) >= 0
+    assert out[-1] == "# Collective test concluded: all_reduce_perf"
+
+
+def test_real_every_dtype_and_op_under_a_launcher():
+    """-d all -o all, ranks started by flagcx.launch (torchrun's RANK/WORLD_SIZE env): unsupported combos are rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLAGCX_TIMEOUT": "60"}
+    args = ["allreduce", "-b", "64", "-e", "64", "-n", "2", "-w", "0", "-d", "all", "-o", "all", "--compare", "flagcx,gloo"]
+    cmd = [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "-m", "flagcx.bench", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr
+    assert len(re.findall(r"^#  Rank ", p.stdout, re.M)) == 2
+    flagcx_rows, gloo_rows = _tables(p.stdout)
+    for rows, backend in ((flagcx_rows, "flagcx"), (gloo_rows, "gloo")):
+        assert len(rows) == len(DTYPES) * len(OPS), backend
+        combos = [tuple(_cells(r)[2:4]) for r in rows]
+        assert combos == [(d, o) for d in DTYPES for o in OPS]
+        for r in rows:
+            dtype, op = _cells(r)[2:4]
+            unsupported = dtype in ("uint32", "uint64") or (backend == "gloo" and op == "avg" and dtype in ("int8", "uint8", "int32", "int64"))
+            if unsupported:
+                assert "not supported:" in r, r
+            else:
+                assert _cells(r)[8] == "0" and _cells(r)[12] == "0", r
+    assert "# Ratios vs flagcx" in p.stdout
+
+
+def test_real_every_collective_two_ranks():
+    p = _bench("all", "-b", "1K", "-e", "1K", "-n", "3", "-r", "-1", "--nproc", "2")
+    assert p.returncode == 0, p.stderr
+    tables = _tables(p.stdout)
+    assert len(tables) == len(COLLECTIVES)
+    programs = re.findall(r"^# Collective test starting: (\S+)$", p.stdout, re.M)
+    assert programs == [c.program for c in COLLECTIVES.values()]
+    for (name, coll), rows in zip(COLLECTIVES.items(), tables):
+        assert [_cells(r)[4] for r in rows] == (["0", "1"] if coll.rooted else ["-1"]), name
+        for row in rows:
+            c = _cells(row)
+            count = 256 if not coll.blocked else 128
+            assert (int(c[0]), int(c[1])) == (1024, count), name
+            assert c[3] == ("sum" if coll.reduces else "none"), name
+            assert c[8] == "0", name
+            if name == "sendrecv":
+                assert c[9:] == ["N/A"] * 4
+            else:
+                assert c[12] == "0", name
+    assert p.stdout.count("# Out of bounds values : 0 OK") == len(COLLECTIVES)
+
+
+def test_real_compare_with_mpi_and_exports(tmp_path):
+    pytest.importorskip("mpi4py")
+    j, c, png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    p = _bench(
+        "allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "3", "--nproc", "2",
+        "--compare", "flagcx,gloo,mpi", "--json", str(j), "--csv", str(c), "--plot", str(png),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "mpi=MPICH" in p.stdout or "mpi=Open MPI" in p.stdout
+    tables = _tables(p.stdout)
+    assert len(tables) == 3 and all(len(t) == 3 for t in tables)
+    assert re.findall(r"^# Backend: (\S+)", p.stdout, re.M) == ["flagcx", "gloo", "mpi"]
+    section = p.stdout.split("# Ratios vs flagcx")[1].split("# Collective test concluded")[0]
+    ratios = [line.split() for line in section.splitlines()[1:] if line and not line.startswith("#")]
+    assert [r[4] for r in ratios] == ["gloo"] * 3 + ["mpi"] * 3
+    assert all(float(x) > 0 for r in ratios for x in r[5:]), ratios
+    doc = json.loads(j.read_text())
+    assert [r["backend"] for r in doc["runs"]] == ["flagcx", "gloo", "mpi"] and doc["backend"] == "flagcx"
+    assert doc["config"]["nranks"] == 2 and len(doc["devices"]) == 2 and doc["flagcx_version"]
+    for run in doc["runs"]:
+        assert [r["size"] for r in run["results"]] == [1024, 4096, 16384]
+        bws = []
+        for r in run["results"]:
+            for mode in ("out_of_place", "in_place"):
+                m = r[mode]
+                assert m["nwrong"] == 0 and m["time"] > 0 and len(m["times_us"]) == 3
+                assert m["bus_bw"] == pytest.approx(m["alg_bw"])  # 2 ranks: 2(n-1)/n = 1
+                assert m["alg_bw"] == pytest.approx(r["size"] / 1e3 / m["time"])
+                bws.append(m["bus_bw"])
+        assert run["out_of_bounds"] == {"count": 0, "okay": True}
+        assert run["average_bus_bandwidth"]["bandwidth"] == pytest.approx(sum(bws) / len(bws))
+    rows = list(csv.DictReader(c.open()))
+    assert len(rows) == 3 * 3 * 2
+    assert {(r["backend"], r["mode"], r["status"]) for r in rows} == {
+        (b, m, "ok") for b in ("flagcx", "gloo", "mpi") for m in ("out-of-place", "in-place")
+    }
+    assert all(math.isfinite(float(r["busbw_gbps"])) and r["wrong"] == "0" for r in rows)
+    head = png.read_bytes()[:8]
+    assert head == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
