@@ -1,9 +1,22 @@
 """flagcx.topology: detect hosts and devices, and plan topology-aware groups.
 
-Pure data and planning; nothing here opens a connection (records are exchanged by
-the core through the store).
+Detection and planning are pure data (records are exchanged by the core through the
+store); the one exception is :func:`init_tp_groups`, which turns a plan into the
+running job's torch process groups.
 """
 
 from .detect import RankRecord, host_identity, local_record
+from .plan import PlacementWarning, RankPlacement, TPPlan, plan_tp_groups
+from .tp_groups import TPGroups, init_tp_groups
 
-__all__ = ["RankRecord", "host_identity", "local_record"]
+__all__ = [
+    "PlacementWarning",
+    "RankPlacement",
+    "RankRecord",
+    "TPGroups",
+    "TPPlan",
+    "host_identity",
+    "init_tp_groups",
+    "local_record",
+    "plan_tp_groups",
+]
