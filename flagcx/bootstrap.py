@@ -85,14 +85,11 @@ def _int_env(*names: str) -> Optional[int]:
 
 
 def detect_launch_env() -> Optional[LaunchEnv]:
-    """Rank and size from torchrun / flagcx.launch (RANK...), MPICH (PMI_*) or Open MPI (OMPI_*)."""
-    rank = _int_env("RANK")
-    size = _int_env("WORLD_SIZE")
-    if rank is not None and size is not None:
-        local_rank = _int_env("LOCAL_RANK")
-        local_size = _int_env("LOCAL_WORLD_SIZE")
-        launcher = "flagcx" if os.environ.get("FLAGCX_LAUNCHER") else "torchrun"
-        return LaunchEnv(rank, size, rank if local_rank is None else local_rank, size if local_size is None else local_size, launcher)
+    """Rank and size from mpiexec (Open MPI OMPI_*, MPICH/PMIx PMI_*) or torchrun / flagcx.launch (RANK...).
+
+    MPI variables are checked first: ``prepare_env`` copies them into RANK/WORLD_SIZE,
+    and the launcher must still read as mpiexec afterwards.
+    """
     rank = _int_env("OMPI_COMM_WORLD_RANK")
     if rank is not None:
         size = _int_env("OMPI_COMM_WORLD_SIZE")
@@ -107,6 +104,13 @@ def detect_launch_env() -> Optional[LaunchEnv]:
     if rank is not None:
         size = _int_env("PMI_SIZE", "PMIX_SIZE") or 1
         return LaunchEnv(rank, size, _int_env("MPI_LOCALRANKID") or 0, _int_env("MPI_LOCALNRANKS") or size, "mpiexec")
+    rank = _int_env("RANK")
+    size = _int_env("WORLD_SIZE")
+    if rank is not None and size is not None:
+        local_rank = _int_env("LOCAL_RANK")
+        local_size = _int_env("LOCAL_WORLD_SIZE")
+        launcher = "flagcx" if os.environ.get("FLAGCX_LAUNCHER") else "torchrun"
+        return LaunchEnv(rank, size, rank if local_rank is None else local_rank, size if local_size is None else local_size, launcher)
     return None
 
 

@@ -127,6 +127,8 @@ class Communicator:
         self._scope: Optional[SideStream] = None
         self._op_async = False
         self._cur: Optional[Adapter] = None
+        self._fast_reduce: dict[tuple, tuple[Adapter, ReduceOp]] = {}
+        self._fast_move: dict[torch.device, Adapter] = {}
         self._records = _records if _records is not None else self._exchange_records(cfg.cpu_adapter)
         self.topology = [RankRecord.from_json(r["topo"]) for r in self._records]
         try:
@@ -348,6 +350,15 @@ class Communicator:
         self._cur = adapter
         return adapter
 
+    def _remember_fast(self, t: torch.Tensor, op: ReduceOpLike, adapter: Adapter, native: ReduceOp) -> None:
+        """Cache (device, dtype, op) -> (adapter, native op) for the synchronous fast paths.
+
+        Only for reductions the adapter computes as called (no dtype mapping, no
+        emulation), and only for op spellings that are singletons, so the cache stays small.
+        """
+        if self._hetero is None and (isinstance(op, (ReduceOp, str)) or type(op).__name__ == "RedOpType"):
+            self._fast_reduce[(t.device, t.dtype, op)] = (adapter, native)
+
     @staticmethod
     def _contig_in(t: torch.Tensor) -> torch.Tensor:
         return t if t.is_contiguous() else t.contiguous()
@@ -418,7 +429,6 @@ class Communicator:
         return flat(send), flat(recv), native, steps
 
     # ------------------------------------------------------------------ collectives
-    @_collective
     def all_reduce(
         self,
         tensor: torch.Tensor,
@@ -428,6 +438,36 @@ class Communicator:
         async_op: bool = False,
     ) -> Optional[Work]:
         """Reduce ``tensor`` over all ranks; the result lands in ``out`` (default: in place)."""
+        if not async_op and not self._group_depth:
+            try:
+                fast = self._fast_reduce.get((tensor.device, tensor.dtype, op))
+            except (AttributeError, TypeError):
+                fast = None
+            if fast is not None and self._closed is None and tensor.is_contiguous():
+                if out is None:
+                    out = tensor
+                elif not (out.is_contiguous() and out.dtype == tensor.dtype and out.device == tensor.device and out.numel() == tensor.numel()):
+                    fast = None
+                if fast is not None:
+                    n = tensor.numel()
+                    if n:
+                        s = tensor if tensor.dim() == 1 else tensor.view(-1)
+                        r = s if out is tensor else (out if out.dim() == 1 else out.view(-1))
+                        if r is not s and overlaps(s, r):
+                            s = s.clone()
+                        fast[0].allreduce(s, r, fast[1]).wait()
+                    return None
+        return self._all_reduce(tensor, op, out=out, async_op=async_op)
+
+    @_collective
+    def _all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOpLike = ReduceOp.SUM,
+        *,
+        out: Optional[torch.Tensor] = None,
+        async_op: bool = False,
+    ) -> Optional[Work]:
         name = "all_reduce"
         self._check_tensor(name, "tensor", tensor)
         kind, factor = to_reduce_op(op, name, self.rank)
@@ -447,11 +487,31 @@ class Communicator:
             send = self._contig_in(tensor)
             recv = self._contig_out(out, steps)
         s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor)
+        if not (pre or steps) and native is kind and s.dtype == tensor.dtype:
+            self._remember_fast(tensor, op, adapter, native)
         return self._finish(name, lambda: adapter.allreduce(s, r, native), pre + steps, [out], async_op)
 
-    @_collective
     def all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         """Gather every rank's ``tensor`` into ``out`` (a tensor of size * numel elements, or a list of size tensors)."""
+        if not async_op and not self._group_depth and isinstance(out, torch.Tensor):
+            adapter = self._fast_move.get(tensor.device) if isinstance(tensor, torch.Tensor) else None
+            n = tensor.numel() if adapter is not None else 0
+            if (
+                n
+                and self._closed is None
+                and out.dtype == tensor.dtype
+                and out.device == tensor.device
+                and out.numel() == n * self.size
+                and tensor.is_contiguous()
+                and out.is_contiguous()
+                and not overlaps(tensor, out)
+            ):
+                adapter.allgather(as_bytes(tensor), as_bytes(out)).wait()
+                return None
+        return self._all_gather(out, tensor, async_op=async_op)
+
+    @_collective
+    def _all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         name = "all_gather"
         self._check_tensor(name, "tensor", tensor)
         adapter = self._enter(name, tensor.device)
@@ -473,6 +533,8 @@ class Communicator:
         s, r = as_bytes(send), as_bytes(recv)
         if overlaps(s, r) and s.data_ptr() != r.data_ptr() + self.rank * s.numel():
             s = s.clone()
+        if self._hetero is None:
+            self._fast_move[tensor.device] = adapter
         return self._finish(name, lambda: adapter.allgather(s, r), steps, outputs, async_op)
 
     def _all_gather_uneven(self, adapter: Adapter, outs: Sequence[torch.Tensor], tensor: torch.Tensor, async_op: bool) -> Optional[Work]:
@@ -492,11 +554,11 @@ class Communicator:
                         handles.append(adapter.broadcast(as_bytes(buf), root))
             finally:
                 adapter.group_end()
-            return _Many(handles)
+            pending = [h for h in handles if h is not DONE]
+            return _Many(pending) if pending else DONE
 
         return self._finish(name, launch, steps, list(outs), async_op)
 
-    @_collective
     def reduce_scatter(
         self,
         out: torch.Tensor,
@@ -506,6 +568,35 @@ class Communicator:
         async_op: bool = False,
     ) -> Optional[Work]:
         """Reduce over ranks and give rank r block r: ``tensor`` has size * out.numel() elements (or is a list of size blocks)."""
+        if not async_op and not self._group_depth and isinstance(tensor, torch.Tensor):
+            try:
+                fast = self._fast_reduce.get((tensor.device, tensor.dtype, op))
+            except (AttributeError, TypeError):
+                fast = None
+            n = out.numel() if fast is not None else 0
+            if (
+                n
+                and self._closed is None
+                and out.dtype == tensor.dtype
+                and out.device == tensor.device
+                and tensor.numel() == n * self.size
+                and tensor.is_contiguous()
+                and out.is_contiguous()
+                and not overlaps(tensor, out)
+            ):
+                fast[0].reducescatter(tensor.view(-1), out.view(-1), fast[1]).wait()
+                return None
+        return self._reduce_scatter(out, tensor, op, async_op=async_op)
+
+    @_collective
+    def _reduce_scatter(
+        self,
+        out: torch.Tensor,
+        tensor: TensorOrList,
+        op: ReduceOpLike = ReduceOp.SUM,
+        *,
+        async_op: bool = False,
+    ) -> Optional[Work]:
         name = "reduce_scatter"
         self._check_tensor(name, "out", out)
         kind, factor = to_reduce_op(op, name, self.rank)
@@ -525,6 +616,8 @@ class Communicator:
         steps: list[Step] = []
         recv = self._contig_out(out, steps)
         s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor)
+        if not (pre or steps) and native is kind and s.dtype == out.dtype:
+            self._remember_fast(out, op, adapter, native)
         if overlaps(s, r) and r.data_ptr() != s.data_ptr() + self.rank * nbytes(r):
             s = s.clone()
         return self._finish(name, lambda: adapter.reducescatter(s, r, native), pre + steps, [out], async_op)
