@@ -946,8 +946,14 @@ class Communicator:
         return [t for t, a in self._adapters.items() if t != "cpu" and callable(getattr(a, "split", None))]
 
     def can_split(self, device_type: str) -> bool:
-        """Whether the adapter for ``device_type`` exists and splits without a new bootstrap."""
-        return self._hetero is None and device_type in self._splittable()
+        """Whether the adapter for ``device_type`` splits without a new bootstrap (created or not yet)."""
+        if self._hetero is not None:
+            return False
+        adapter = self._adapters.get(device_type)
+        if adapter is None:
+            name = DEVICE_ADAPTERS.get(device_type)
+            return name is not None and callable(getattr(adapter_class(name), "split", None))
+        return callable(getattr(adapter, "split", None))
 
     def split_device(self, device_type: str, ranks: Optional[Sequence[int]]) -> Optional[Adapter]:
         """Split only the device adapter (every rank calls; ``ranks=None`` joins no child).

@@ -114,8 +114,17 @@ def gpu_torch(rank: int, size: int) -> Iterable[Check]:
     sub = dist.new_group(list(range(size)))
     yield "new_group_split", lambda: _expect("cuda" in sub.comm._adapters, "new_group did not split the NCCL communicator")
     yield "sub_ops", lambda: _torch_ops(sub, list(range(size)), dev)
-    yield "ddp_vs_nccl", lambda: _ddp_vs_nccl(rank, size, dev)
     yield "cpu_tensors_same_group", lambda: _cpu_in_gpu_group(world, size)
+    yield "destroy", dist.destroy_process_group
+
+
+def gpu_ddp(rank: int, size: int) -> Iterable[Check]:
+    """Suite: no bound device (so torch builds a plain NCCL group beside ours): DDP identical to NCCL."""
+    dev = _device(rank)
+    dist.init_process_group(os.environ.get("FLAGCX_TEST_BACKEND", "flagcx"))
+    yield "ops", lambda: _torch_ops(dist.group.WORLD, list(range(size)), dev)
+    yield "ddp_vs_nccl", lambda: _ddp_vs_nccl(rank, size, dev)
+    yield "cpu_tensors_same_group", lambda: _cpu_in_gpu_group(dist.group.WORLD, size)
     yield "destroy", dist.destroy_process_group
 
 
