@@ -14,6 +14,9 @@ from .base import ADAPTER_API_VERSION, DONE, Adapter, AdapterContext, Capabiliti
 
 _BUILTIN = {
     "gloo": "flagcx.adapters.gloo:GlooAdapter",
+    "nccl": "flagcx.adapters.nccl:NcclAdapter",
+    "mpi": "flagcx.adapters.mpi:MpiAdapter",
+    "shm": "flagcx.adapters.shm:ShmAdapter",
 }
 
 

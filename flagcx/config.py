@@ -39,6 +39,20 @@ class Config:
     """FLAGCX_HOST_ID: host identity override (ranks with equal ids share memory)."""
     cluster_id: str | None
     """FLAGCX_CLUSTER_ID: cluster label override (heterogeneous mode)."""
+    nccl_lib: str | None = None
+    """FLAGCX_NCCL_LIB: path of the NCCL (or NCCL-API clone) library to load, instead of searching."""
+    nccl_clones: tuple[tuple[str, str], ...] = ()
+    """FLAGCX_NCCL_CLONES: extra NCCL-API libraries as ``library:prefix`` pairs, comma-separated (``libfoo.so:foo``)."""
+    topo_file: str | None = None
+    """FLAGCX_TOPO_FILE: JSON file overriding detected topology fields (cluster, host, device...) per rank or host."""
+    hetero_chunk: int | None = None
+    """FLAGCX_HETERO_CHUNK: bytes per staged chunk between clusters (suffix K/M/G allowed); default 4M with device clusters, unchunked otherwise."""
+    hetero_lanes: int | None = None
+    """FLAGCX_HETERO_LANES: chunks moved in parallel between clusters (one host communicator each); default 4 with device clusters, else 1."""
+    shm_buffer: int | None = None
+    """FLAGCX_SHM_BUFFER: staging bytes per rank of the shm transport's collectives (suffix K/M/G allowed); default 1M."""
+    shm_p2p_buffer: int | None = None
+    """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); default 256K, less beyond 16 ranks."""
 
 
 def _env(name: str) -> str | None:
@@ -67,6 +81,47 @@ def _parse_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     return raw
 
 
+def _parse_clones(raw: str | None) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    pairs = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        library, sep, prefix = item.rpartition(":")
+        library, prefix = library.strip(), prefix.strip()
+        if not sep or not library or not prefix.isidentifier():
+            raise ValueError(
+                f"FLAGCX_NCCL_CLONES entry {item!r} is not 'library:prefix'; "
+                "write e.g. FLAGCX_NCCL_CLONES=libmccl.so:mccl,/opt/x/libfoo.so.1:foo"
+            )
+        pairs.append((library, prefix))
+    return tuple(pairs)
+
+
+def _parse_count(name: str, raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r} is not a positive integer; write e.g. {name}=4")
+    return int(raw)
+
+
+def _parse_bytes(name: str, raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:].upper(), 1)
+    digits = raw[:-1] if scale > 1 else raw
+    try:
+        value = int(digits) * scale
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a byte count; write e.g. {name}=4M") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r} must be positive; write e.g. {name}=4M")
+    return value
+
+
 def _load() -> Config:
     return Config(
         debug=(_env("FLAGCX_DEBUG") or "WARN").upper(),
@@ -74,6 +129,13 @@ def _load() -> Config:
         cpu_adapter=_parse_choice("FLAGCX_CPU_ADAPTER", CPU_ADAPTERS, "auto"),
         host_id=_env("FLAGCX_HOST_ID"),
         cluster_id=_env("FLAGCX_CLUSTER_ID"),
+        nccl_lib=_env("FLAGCX_NCCL_LIB"),
+        nccl_clones=_parse_clones(_env("FLAGCX_NCCL_CLONES")),
+        topo_file=_env("FLAGCX_TOPO_FILE"),
+        hetero_chunk=_parse_bytes("FLAGCX_HETERO_CHUNK", _env("FLAGCX_HETERO_CHUNK")),
+        hetero_lanes=_parse_count("FLAGCX_HETERO_LANES", _env("FLAGCX_HETERO_LANES")),
+        shm_buffer=_parse_bytes("FLAGCX_SHM_BUFFER", _env("FLAGCX_SHM_BUFFER")),
+        shm_p2p_buffer=_parse_bytes("FLAGCX_SHM_P2P_BUFFER", _env("FLAGCX_SHM_P2P_BUFFER")),
     )
 
 

@@ -1,0 +1,347 @@
+"""Shm adapter: flagcx's own shared-memory transport for the CPU tensors of ranks on one host.
+
+The transport is C (``csrc/``, built as ``flagcx._shm`` by cffi at install). Rank 0
+creates one POSIX shm segment per communicator under a random name (mode 0600) and
+shares the name through the adapter's store; the segment is unlinked as soon as every
+rank has attached, so a crash leaves nothing in /dev/shm. Each collective is a single
+C call (the GIL is released) that returns when this rank's part is done; waits spin,
+yield and then sleep on a futex, watch the peers' pids, and fail with FlagcxTimeout or
+RemoteError naming the late or dead rank. send/recv are posted to a progress thread in
+C and complete asynchronously. After a transport error the adapter only raises;
+``close`` still works.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from typing import Optional
+
+import torch
+
+from .. import config
+from ..bootstrap import store_allgather, store_broadcast
+from ..errors import BuildError, CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
+from ..types import REDUCE_DTYPES, ReduceOp
+from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
+
+try:
+    from .. import _shm
+except ImportError as _exc:  # not compiled at install time (no C compiler / Python headers)
+    _shm = None
+    _IMPORT_ERROR: Optional[BaseException] = _exc
+else:
+    _IMPORT_ERROR = None
+
+SEGMENT_PREFIX = "flagcx-"
+"""Name prefix of the segments in /dev/shm (followed by 32 random hex digits)."""
+
+DEFAULT_BUFFER = 1 << 20
+"""Staging bytes per rank for collectives when FLAGCX_SHM_BUFFER is unset (halves of 512 KiB stay in L2)."""
+
+DEFAULT_P2P_BUFFER = 256 << 10
+"""Ring bytes per ordered pair of ranks when FLAGCX_SHM_P2P_BUFFER is unset (less beyond 16 ranks)."""
+
+P2P_BUDGET = 4 << 20
+"""Default ring bytes per rank over all its peers: rings shrink (to 16 KiB at least) for large groups."""
+
+if _shm is not None:
+    _ffi, _lib = _shm.ffi, _shm.lib
+    _DTYPES = {
+        torch.float32: _lib.FXS_DT_F32,
+        torch.float64: _lib.FXS_DT_F64,
+        torch.float16: _lib.FXS_DT_F16,
+        torch.bfloat16: _lib.FXS_DT_BF16,
+        torch.int8: _lib.FXS_DT_I8,
+        torch.uint8: _lib.FXS_DT_U8,
+        torch.int32: _lib.FXS_DT_I32,
+        torch.int64: _lib.FXS_DT_I64,
+    }
+    _OPS = {
+        ReduceOp.SUM: _lib.FXS_OP_SUM,
+        ReduceOp.PROD: _lib.FXS_OP_PROD,
+        ReduceOp.MAX: _lib.FXS_OP_MAX,
+        ReduceOp.MIN: _lib.FXS_OP_MIN,
+        ReduceOp.AVG: _lib.FXS_OP_AVG,
+    }
+    _ERRORS: dict[int, type[FlagcxError]] = {
+        _lib.FXS_ETIMEOUT: FlagcxTimeout,
+        _lib.FXS_EDEAD: RemoteError,
+        _lib.FXS_EPEER: RemoteError,
+        _lib.FXS_EINVAL: InvalidArgument,
+    }
+
+
+def _text(ptr) -> str:
+    return _ffi.string(ptr).decode("utf-8", "replace")
+
+
+class ShmHandle(Handle):
+    """A posted send or recv, advanced by the adapter's progress thread."""
+
+    __slots__ = ("_op", "_adapter", "_tensor", "_what", "_finished", "__weakref__")
+
+    def __init__(self, op, adapter: "ShmAdapter", tensor: torch.Tensor, what: str) -> None:
+        self._op = op
+        self._adapter = adapter
+        self._tensor = tensor  # kept alive while C may still touch it
+        self._what = what
+        self._finished = False
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        if self._finished:
+            return
+        limit = self._adapter.ctx.timeout if timeout is None else float(timeout)
+        rc = _lib.fxs_op_wait(self._op, limit)
+        if rc == _lib.FXS_OK:
+            self._finished = True
+            self._tensor = None
+            return
+        if rc == _lib.FXS_ETIMEOUT:
+            moved = _lib.fxs_op_progress(self._op)
+            raise FlagcxTimeout(
+                f"{self._what} on communicator {self._adapter.ctx.label} did not finish within {limit:g} s "
+                f"({moved} of {self._tensor.numel()} bytes moved); the peer is alive but has not posted "
+                "the matching call (or is blocked elsewhere)",
+                rank=self._adapter.rank,
+            )
+        raise self._adapter._op_error(rc, self._op, self._what)
+
+    def done(self) -> bool:
+        return self._finished or _lib.fxs_op_test(self._op) != _lib.FXS_EPENDING
+
+    def source(self) -> int:
+        return int(_lib.fxs_op_source(self._op))
+
+
+class ShmAdapter(Adapter):
+    """Collectives and send/recv through POSIX shared memory (ranks on one host)."""
+
+    name = "shm"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu"}),
+        reduce_dtypes=REDUCE_DTYPES,
+        reduce_ops=frozenset({ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MAX, ReduceOp.MIN, ReduceOp.AVG}),
+        any_source=True,
+    )
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        if device.type != "cpu":
+            return f"the shm transport moves CPU tensors only, not {device.type} tensors"
+        if _shm is None:
+            return (
+                f"flagcx._shm was not built: {_IMPORT_ERROR} (install a C compiler and the Python "
+                "headers, e.g. apt-get install gcc python3-dev, then reinstall flagcx)"
+            )
+        if not sys.platform.startswith("linux"):
+            return f"the shm transport needs Linux (POSIX shm and futexes), not {sys.platform}"
+        return None
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        super().__init__(ctx)
+        reason = self.unavailable_reason(ctx.device)
+        if reason is not None:
+            raise BuildError(reason, op="init", rank=ctx.rank)
+        cfg = config.get()
+        slot = cfg.shm_buffer or DEFAULT_BUFFER
+        ring = cfg.shm_p2p_buffer or max(16 << 10, min(DEFAULT_P2P_BUFFER, P2P_BUDGET // max(1, ctx.size - 1)))
+        what = f"creating the shm transport of {ctx.label}"
+        self._c = None
+        self._inflight: list[ShmHandle] = []  # keeps tensors alive while the progress thread may use them
+        self._sweep_at = 64
+        self.segment_name = self._open(ctx, slot, ring, what)
+        c = self._c
+        self.segment_mode = int(_lib.fxs_segment_mode(c))
+        self.segment_bytes = int(_lib.fxs_segment_bytes(c))
+        self.staging_bytes = int(_lib.fxs_slot_bytes(c))
+        self.small_bytes = int(_lib.fxs_small_bytes(c))
+        self.ring_bytes = int(_lib.fxs_ring_bytes(c))
+        self._finalizer = weakref.finalize(self, _lib.fxs_close, c, 0)
+        self._allreduce = _lib.fxs_allreduce
+
+    def _open(self, ctx: AdapterContext, slot: int, ring: int, what: str) -> str:
+        err = _ffi.new("char[]", 512)
+        out = _ffi.new("fxs_comm **")
+        name = None
+        status = b"ok"
+        if ctx.rank == 0:
+            name = f"/{SEGMENT_PREFIX}{os.urandom(16).hex()}"
+            rc = _lib.fxs_create(name.encode(), 0, ctx.size, slot, ring, ctx.timeout, out, err, len(err))
+            if rc:
+                status = b"!" + _ffi.string(err)
+            store_broadcast(ctx.store, "shm/name", 0, 0, name.encode() if not rc else status, ctx.timeout, what)
+        else:
+            value = store_broadcast(ctx.store, "shm/name", ctx.rank, 0, None, ctx.timeout, what)
+            if value.startswith(b"!"):
+                status = b"!rank 0 could not create the segment: " + value[1:]
+            else:
+                name = value.decode()
+                rc = _lib.fxs_attach(value, ctx.rank, ctx.size, ctx.timeout, out, err, len(err))
+                if rc:
+                    status = b"!" + _ffi.string(err)
+        try:
+            statuses = store_allgather(ctx.store, "shm/attached", ctx.rank, ctx.size, status, ctx.timeout, what)
+        except BaseException:
+            self._discard(out[0], name)
+            raise
+        if name is not None:
+            _lib.fxs_unlink(name.encode())  # normally gone already: the last rank to attach unlinks
+        bad = [(r, s[1:].decode("utf-8", "replace")) for r, s in enumerate(statuses) if s.startswith(b"!")]
+        if bad:
+            self._discard(out[0], None)
+            detail = "; ".join(f"{ctx.peer_name(r)}: {msg}" for r, msg in bad)
+            raise FlagcxError(f"{what} failed: {detail}", op="init", rank=ctx.rank)
+        self._c = out[0]
+        return name
+
+    @staticmethod
+    def _discard(c, name: Optional[str]) -> None:
+        if c != _ffi.NULL:
+            _lib.fxs_close(c, 1)
+        if name is not None:
+            _lib.fxs_unlink(name.encode())
+
+    # ------------------------------------------------------------------ errors
+    def _comm(self, op: str):
+        c = self._c
+        if c is None:
+            raise CommAborted(f"the shm transport of {self.ctx.label} is closed", op=op, rank=self.rank)
+        return c
+
+    def _mapping_note(self, ranks: list[int]) -> str:
+        g = self.ctx.global_ranks
+        notes = [f"rank {r} is global rank {g[r]}" for r in ranks if g and 0 <= r < len(g) and g[r] != r]
+        return f" ({'; '.join(notes)})" if notes else ""
+
+    def _error(self, rc: int, op: str) -> FlagcxError:
+        c = self._c
+        text = _text(_lib.fxs_error(c))
+        ranks = _ffi.new("int[]", 8)
+        k = _lib.fxs_error_ranks(c, ranks, 8)
+        note = self._mapping_note([ranks[i] for i in range(k)])
+        cls = _ERRORS.get(rc, FlagcxError)
+        if rc == _lib.FXS_EBROKEN:
+            cls = self._broken_class()
+        return cls(f"communicator {self.ctx.label}: {text}{note}", op=op, rank=self.rank)
+
+    def _broken_class(self) -> type[FlagcxError]:
+        return _ERRORS.get(int(_lib.fxs_broken(self._c)), FlagcxError)
+
+    def _op_error(self, rc: int, op, what: str) -> FlagcxError:
+        peer = int(_lib.fxs_op_error_peer(op))
+        note = self._mapping_note([peer]) if peer >= 0 else ""
+        cls = CommAborted if rc == _lib.FXS_EBROKEN else _ERRORS.get(rc, FlagcxError)
+        return cls(f"{what} on communicator {self.ctx.label}: {_text(_lib.fxs_op_error(op))}{note}", rank=self.rank)
+
+    # ------------------------------------------------------------------ collectives
+    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+        c = self._c
+        if c is None:
+            self._comm("allreduce")
+        rc = self._allreduce(c, send.data_ptr(), recv.data_ptr(), send.numel(), _DTYPES[send.dtype], _OPS[op])
+        if rc:
+            raise self._error(rc, "allreduce")
+        return DONE
+
+    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
+        c = self._comm("reduce")
+        rc = _lib.fxs_reduce(c, send.data_ptr(), recv.data_ptr(), send.numel(), _DTYPES[send.dtype], _OPS[op], root)
+        if rc:
+            raise self._error(rc, "reduce")
+        return DONE
+
+    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+        c = self._comm("reducescatter")
+        rc = _lib.fxs_reducescatter(c, send.data_ptr(), recv.data_ptr(), recv.numel(), _DTYPES[send.dtype], _OPS[op])
+        if rc:
+            raise self._error(rc, "reducescatter")
+        return DONE
+
+    def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        c = self._comm("allgather")
+        rc = _lib.fxs_allgather(c, send.data_ptr(), recv.data_ptr(), send.numel())
+        if rc:
+            raise self._error(rc, "allgather")
+        return DONE
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
+        c = self._comm("broadcast")
+        rc = _lib.fxs_broadcast(c, tensor.data_ptr(), tensor.numel(), root)
+        if rc:
+            raise self._error(rc, "broadcast")
+        return DONE
+
+    def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
+        c = self._comm("gather")
+        rc = _lib.fxs_gather(c, send.data_ptr(), recv.data_ptr() if recv is not None else 0, send.numel(), root)
+        if rc:
+            raise self._error(rc, "gather")
+        return DONE
+
+    def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
+        c = self._comm("scatter")
+        rc = _lib.fxs_scatter(c, send.data_ptr() if send is not None else 0, recv.data_ptr(), recv.numel(), root)
+        if rc:
+            raise self._error(rc, "scatter")
+        return DONE
+
+    def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        c = self._comm("alltoall")
+        rc = _lib.fxs_alltoall(c, send.data_ptr(), recv.data_ptr(), send.numel() // self.size)
+        if rc:
+            raise self._error(rc, "alltoall")
+        return DONE
+
+    def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
+        c = self._comm("alltoallv")
+        sc = _ffi.new("uint64_t[]", [int(x) for x in send_counts])
+        rc_ = _ffi.new("uint64_t[]", [int(x) for x in recv_counts])
+        rc = _lib.fxs_alltoallv(c, send.data_ptr(), sc, recv.data_ptr(), rc_)
+        if rc:
+            raise self._error(rc, "alltoallv")
+        return DONE
+
+    def barrier(self) -> Handle:
+        c = self._comm("barrier")
+        rc = _lib.fxs_barrier(c)
+        if rc:
+            raise self._error(rc, "barrier")
+        return DONE
+
+    # ------------------------------------------------------------------ point to point
+    def _post(self, is_recv: int, tensor: torch.Tensor, peer: Optional[int], what: str) -> ShmHandle:
+        c = self._comm("recv" if is_recv else "send")
+        if len(self._inflight) >= self._sweep_at:  # amortised: drop finished ops
+            self._inflight = [h for h in self._inflight if not h.done()]
+            self._sweep_at = max(64, 2 * len(self._inflight))
+        rc = _ffi.new("int *")
+        op = _lib.fxs_post(c, is_recv, -1 if peer is None else peer, tensor.data_ptr(), tensor.numel(), rc)
+        if op == _ffi.NULL:
+            raise self._error(rc[0], what)
+        handle = ShmHandle(_ffi.gc(op, _lib.fxs_op_release), self, tensor, what)
+        self._inflight.append(handle)
+        return handle
+
+    def send(self, tensor: torch.Tensor, peer: int) -> Handle:
+        return self._post(0, tensor, peer, f"send to {self.ctx.peer_name(peer)}")
+
+    def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
+        what = "recv from any source" if peer is None else f"recv from {self.ctx.peer_name(peer)}"
+        return self._post(1, tensor, peer, what)
+
+    # ------------------------------------------------------------------ lifetime
+    def _shut(self, abort: int) -> None:
+        c, self._c = self._c, None
+        if c is None:
+            return
+        self._finalizer.detach()
+        _lib.fxs_close(c, abort)  # joins the progress thread: no C access to tensors after this
+        self._inflight = []
+
+    def abort(self) -> None:
+        self._shut(1)
+
+    def close(self) -> None:
+        self._shut(0)
