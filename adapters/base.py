@@ -139,7 +139,8 @@ class Adapter(abc.ABC):
 
     # Collectives. recv is significant on every rank unless the docstring says otherwise.
     @abc.abstractmethod
-    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle: ...
+    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+        """send and recv are contiguous with equal shapes (the one op whose tensors may be multi-dimensional)."""
 
     @abc.abstractmethod
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:

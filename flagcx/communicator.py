@@ -449,13 +449,14 @@ class Communicator:
                 elif not (out.is_contiguous() and out.dtype == tensor.dtype and out.device == tensor.device and out.numel() == tensor.numel()):
                     fast = None
                 if fast is not None:
-                    n = tensor.numel()
-                    if n:
-                        s = tensor if tensor.dim() == 1 else tensor.view(-1)
-                        r = s if out is tensor else (out if out.dim() == 1 else out.view(-1))
-                        if r is not s and overlaps(s, r):
-                            s = s.clone()
-                        fast[0].allreduce(s, r, fast[1]).wait()
+                    nb = tensor.nbytes
+                    if nb:
+                        send = tensor
+                        if out is not tensor:
+                            s0, r0 = tensor.data_ptr(), out.data_ptr()
+                            if s0 != r0 and s0 < r0 + nb and r0 < s0 + nb:
+                                send = tensor.clone()
+                        fast[0].allreduce(send, out, fast[1]).wait()
                     return None
         return self._all_reduce(tensor, op, out=out, async_op=async_op)
 

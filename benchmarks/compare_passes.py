@@ -1,0 +1,100 @@
+"""Run ``flagcx-bench --compare`` several times and report per-size medians across the passes.
+
+A noisy 2-core VM moves single-pass medians by 2x; interleaving whole passes and taking
+the median of each backend's per-pass time (out-of-place and in-place separately) gives
+numbers that hold. Writes ``PREFIX.json`` (every pass plus the summary) and ``PREFIX.md``
+(a table per mode: time per backend, and each backend's time over the first backend's).
+
+    python benchmarks/compare_passes.py --passes 3 --out benchmarks/results/NAME -- \\
+        allreduce -b 4 -e 64M -f 4 -n 200 -w 20 --nproc 2 --compare flagcx,mpi,gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_pass(bench_args: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pass.json")
+        subprocess.run([sys.executable, "-m", "flagcx.bench", *bench_args, "--json", path], check=True, stdout=subprocess.DEVNULL)
+        with open(path) as f:
+            return json.load(f)
+
+
+def summarize(passes: list[dict]) -> dict:
+    """{mode: {size: {backend: median time us}}} over passes."""
+    table: dict[str, dict[int, dict[str, list[float]]]] = {"out_of_place": {}, "in_place": {}}
+    for data in passes:
+        for run in data["runs"]:
+            for row in run["results"]:
+                for mode in table:
+                    cell = row.get(mode)
+                    if isinstance(cell, dict) and isinstance(cell.get("time"), (int, float)):
+                        table[mode].setdefault(row["size"], {}).setdefault(run["backend"], []).append(cell["time"])
+    return {mode: {size: {b: statistics.median(v) for b, v in by.items()} for size, by in sorted(rows.items())} for mode, rows in table.items()}
+
+
+def markdown(summary: dict, backends: list[str], header: str) -> str:
+    lines = [header, ""]
+    base = backends[0]
+    for mode, rows in summary.items():
+        lines += [f"### {mode.replace('_', '-')} (median over passes of each pass's median time, us)", ""]
+        cols = backends + [f"{b}/{base}" for b in backends[1:]]
+        lines += ["| size (B) | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        for size, by in rows.items():
+            cells = [f"{by[b]:.4g}" if b in by else "n/a" for b in backends]
+            cells += [f"{by[b] / by[base]:.2f}" if b in by and base in by else "n/a" for b in backends[1:]]
+            lines.append(f"| {size} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--out", required=True, help="output prefix (writes PREFIX.json and PREFIX.md)")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="flagcx-bench arguments after --")
+    ns = parser.parse_args()
+    args = [a for a in ns.bench_args if a != "--"]
+    passes = [run_pass(args) for _ in range(ns.passes)]
+    backends = [run["backend"] for run in passes[0]["runs"]]
+    summary = summarize(passes)
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "commit": _commit(),
+        "command": "flagcx-bench " + " ".join(args),
+        "passes": ns.passes,
+        "ranks": passes[0]["nranks"],
+        "versions": {k: passes[0].get(k) for k in ("flagcx_version", "torch_version", "nccl_version", "mpi_version")},
+    }
+    header = (
+        f"## {passes[0]['collective']}, {meta['ranks']} ranks: {', '.join(backends)}\n\n"
+        f"{meta['date']}, {meta['machine']}, commit {meta['commit']}, {ns.passes} passes of `{meta['command']}`"
+    )
+    with open(ns.out + ".json", "w") as f:
+        json.dump({"meta": meta, "summary": {m: {str(k): v for k, v in rows.items()} for m, rows in summary.items()}, "passes": passes}, f, indent=1)
+    with open(ns.out + ".md", "w") as f:
+        f.write(markdown(summary, backends, header))
+    print(markdown(summary, backends, header))
+
+
+if __name__ == "__main__":
+    main()
