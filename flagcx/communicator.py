@@ -45,6 +45,36 @@ DEVICE_ADAPTERS = {"cuda": "nccl"}
 """Native adapter for each accelerator device type (CPU tensors use the CPU adapter)."""
 
 
+_FINGERPRINT = 160
+"""Bytes of one rank's call description exchanged under FLAGCX_CHECK."""
+
+
+def _desc(x) -> str:
+    """``dtype[elements]`` of a tensor, or of a tensor list taken as one buffer (the forms are interchangeable)."""
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).replace('torch.', '')}[{x.numel()}]"
+    if isinstance(x, (list, tuple)):
+        dtypes = {str(t.dtype).replace("torch.", "") for t in x if isinstance(t, torch.Tensor)}
+        return f"{'/'.join(sorted(dtypes)) or '?'}[{sum(t.numel() for t in x if isinstance(t, torch.Tensor))}]"
+    return "-" if x is None else type(x).__name__
+
+
+def _kind(x) -> str:
+    """The dtype of an all_to_all argument (its sizes legitimately differ between ranks)."""
+    first = x if isinstance(x, torch.Tensor) else next((t for t in x if isinstance(t, torch.Tensor)), None) if isinstance(x, (list, tuple)) else None
+    return str(first.dtype).replace("torch.", "") if first is not None else type(x).__name__
+
+
+def _op_label(op) -> str:
+    if isinstance(op, ReduceOp):
+        return op.value
+    if isinstance(op, PremulSum):
+        return "premul_sum"
+    if isinstance(op, str):
+        return op.lower()
+    return str(getattr(getattr(op, "op", op), "name", op)).lower()
+
+
 def _tensors_in(values) -> Iterator[torch.Tensor]:
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -127,6 +157,8 @@ class Communicator:
         self._scope: Optional[SideStream] = None
         self._op_async = False
         self._cur: Optional[Adapter] = None
+        self._check = cfg.check
+        self._check_seq = 0
         self._fast_reduce: dict[tuple, tuple[Adapter, ReduceOp]] = {}
         self._fast_move: dict[torch.device, Adapter] = {}
         self._records = _records if _records is not None else self._exchange_records(cfg.cpu_adapter)
@@ -350,6 +382,30 @@ class Communicator:
         self._cur = adapter
         return adapter
 
+    def _verify(self, op: str, *fields: str) -> None:
+        """FLAGCX_CHECK: compare this call's fingerprint with every rank's before running it.
+
+        A mismatch (another op, dtype, size, root or reduce op, or a skipped call) raises
+        InvalidArgument on every rank, naming what each rank called, instead of hanging
+        or computing garbage. Costs one small allgather on the host transport per call.
+        """
+        self._check_open(op)
+        self._check_seq += 1
+        text = f"#{self._check_seq} {op}({', '.join(fields)})"
+        mine = torch.frombuffer(bytearray(text.encode()[:_FINGERPRINT].ljust(_FINGERPRINT, b"\0")), dtype=torch.uint8)
+        every = torch.empty(_FINGERPRINT * self.size, dtype=torch.uint8)
+        adapter = self._hetero if self._hetero is not None else self._adapters["cpu"]
+        adapter.allgather(mine, every).wait()
+        calls = [bytes(every[r * _FINGERPRINT : (r + 1) * _FINGERPRINT].tolist()).rstrip(b"\0").decode(errors="replace") for r in range(self.size)]
+        if any(c != calls[0] for c in calls):
+            detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
+            raise InvalidArgument(
+                f"ranks called different collectives ({detail}); every rank must call the same collectives, "
+                "with matching dtypes, sizes, roots and reduce ops, in the same order",
+                op=op,
+                rank=self.rank,
+            )
+
     def _remember_fast(self, t: torch.Tensor, op: ReduceOpLike, adapter: Adapter, native: ReduceOp) -> None:
         """Cache (device, dtype, op) -> (adapter, native op) for the synchronous fast paths.
 
@@ -438,7 +494,7 @@ class Communicator:
         async_op: bool = False,
     ) -> Optional[Work]:
         """Reduce ``tensor`` over all ranks; the result lands in ``out`` (default: in place)."""
-        if not async_op and not self._group_depth:
+        if not async_op and not self._group_depth and not self._check:
             try:
                 fast = self._fast_reduce.get((tensor.device, tensor.dtype, op))
             except (AttributeError, TypeError):
@@ -470,6 +526,8 @@ class Communicator:
         async_op: bool = False,
     ) -> Optional[Work]:
         name = "all_reduce"
+        if self._check:
+            self._verify(name, _desc(tensor), _op_label(op))
         self._check_tensor(name, "tensor", tensor)
         kind, factor = to_reduce_op(op, name, self.rank)
         if out is None:
@@ -494,7 +552,7 @@ class Communicator:
 
     def all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         """Gather every rank's ``tensor`` into ``out`` (a tensor of size * numel elements, or a list of size tensors)."""
-        if not async_op and not self._group_depth and isinstance(out, torch.Tensor):
+        if not async_op and not self._group_depth and not self._check and isinstance(out, torch.Tensor):
             adapter = self._fast_move.get(tensor.device) if isinstance(tensor, torch.Tensor) else None
             n = tensor.numel() if adapter is not None else 0
             if (
@@ -514,6 +572,8 @@ class Communicator:
     @_collective
     def _all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         name = "all_gather"
+        if self._check:
+            self._verify(name, _desc(out), _kind(tensor))
         self._check_tensor(name, "tensor", tensor)
         adapter = self._enter(name, tensor.device)
         steps: list[Step] = []
@@ -569,7 +629,7 @@ class Communicator:
         async_op: bool = False,
     ) -> Optional[Work]:
         """Reduce over ranks and give rank r block r: ``tensor`` has size * out.numel() elements (or is a list of size blocks)."""
-        if not async_op and not self._group_depth and isinstance(tensor, torch.Tensor):
+        if not async_op and not self._group_depth and not self._check and isinstance(tensor, torch.Tensor):
             try:
                 fast = self._fast_reduce.get((tensor.device, tensor.dtype, op))
             except (AttributeError, TypeError):
@@ -599,6 +659,8 @@ class Communicator:
         async_op: bool = False,
     ) -> Optional[Work]:
         name = "reduce_scatter"
+        if self._check:
+            self._verify(name, _desc(out), _desc(tensor), _op_label(op))
         self._check_tensor(name, "out", out)
         kind, factor = to_reduce_op(op, name, self.rank)
         adapter = self._enter(name, out.device)
@@ -627,6 +689,8 @@ class Communicator:
     def broadcast(self, tensor: torch.Tensor, root: int, *, async_op: bool = False) -> Optional[Work]:
         """Copy root's ``tensor`` to every rank, in place."""
         name = "broadcast"
+        if self._check:
+            self._verify(name, _desc(tensor), f"root={root}")
         self._check_tensor(name, "tensor", tensor)
         self._check_root(name, "root", root)
         adapter = self._enter(name, tensor.device)
@@ -652,6 +716,8 @@ class Communicator:
     ) -> Optional[Work]:
         """Reduce over ranks into root's ``out`` (default: root's ``tensor``); other ranks' tensors are untouched."""
         name = "reduce"
+        if self._check:
+            self._verify(name, _desc(tensor), f"root={root}", _op_label(op))
         self._check_tensor(name, "tensor", tensor)
         self._check_root(name, "root", root)
         kind, factor = to_reduce_op(op, name, self.rank)
@@ -686,6 +752,8 @@ class Communicator:
     ) -> Optional[Work]:
         """Collect every rank's ``tensor`` on root into ``out`` (a tensor of size * numel elements, or a list)."""
         name = "gather"
+        if self._check:
+            self._verify(name, _desc(tensor), f"root={root}")
         self._check_tensor(name, "tensor", tensor)
         self._check_root(name, "root", root)
         adapter = self._enter(name, tensor.device)
@@ -721,6 +789,8 @@ class Communicator:
     ) -> Optional[Work]:
         """Give rank r block r of root's ``tensor`` (size * out.numel() elements, or a list of size tensors)."""
         name = "scatter"
+        if self._check:
+            self._verify(name, _desc(out), f"root={root}")
         self._check_tensor(name, "out", out)
         self._check_root(name, "root", root)
         adapter = self._enter(name, out.device)
@@ -758,6 +828,8 @@ class Communicator:
         (rows per rank); with lists, block j is ``tensor[j]`` / ``out[j]``.
         """
         name = "all_to_all"
+        if self._check:
+            self._verify(name, _kind(tensor))
         if isinstance(tensor, torch.Tensor) != isinstance(out, torch.Tensor):
             raise invalid(name, self.rank, "out", "and 'tensor' must both be tensors or both be lists", "pass two tensors or two lists")
         if isinstance(tensor, torch.Tensor):
@@ -873,6 +945,8 @@ class Communicator:
     def barrier(self, *, async_op: bool = False) -> Optional[Work]:
         """Block until every rank has called barrier."""
         name = "barrier"
+        if self._check:
+            self._verify(name)
         adapter = self._enter(name, torch.device("cpu"))
         return self._finish(name, adapter.barrier, [], [], async_op)
 

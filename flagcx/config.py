@@ -39,6 +39,8 @@ class Config:
     """FLAGCX_HOST_ID: host identity override (ranks with equal ids share memory)."""
     cluster_id: str | None
     """FLAGCX_CLUSTER_ID: cluster label override (heterogeneous mode)."""
+    check: bool = False
+    """FLAGCX_CHECK: 1 compares every collective's (op, dtype, size, root, reduce op, sequence) across ranks first."""
     nccl_lib: str | None = None
     """FLAGCX_NCCL_LIB: path of the NCCL (or NCCL-API clone) library to load, instead of searching."""
     nccl_clones: tuple[tuple[str, str], ...] = ()
@@ -129,6 +131,7 @@ def _load() -> Config:
         cpu_adapter=_parse_choice("FLAGCX_CPU_ADAPTER", CPU_ADAPTERS, "auto"),
         host_id=_env("FLAGCX_HOST_ID"),
         cluster_id=_env("FLAGCX_CLUSTER_ID"),
+        check=_parse_choice("FLAGCX_CHECK", ("0", "1"), "0") == "1",
         nccl_lib=_env("FLAGCX_NCCL_LIB"),
         nccl_clones=_parse_clones(_env("FLAGCX_NCCL_CLONES")),
         topo_file=_env("FLAGCX_TOPO_FILE"),
