@@ -2,23 +2,40 @@
 
 Used for CPU tensors when ranks span hosts (TCP), and whenever forced with
 FLAGCX_CPU_ADAPTER=gloo. Ops run on Gloo's own threads; the handle waits on the Gloo
-Work and turns its errors into FlagcxError.
+Work and turns its errors into FlagcxError. After any failed op the adapter refuses
+further calls (Gloo's pairs may be out of step: a later op could match the wrong
+peer's data), and a failed collective names its missing peers through a roll call in
+the store (:class:`flagcx.bootstrap.PeerReport`); only a caller's wait shorter than the
+timeout that expires on a collective still running is not a failure (wait again).
+``close`` and ``abort`` drop the ProcessGroupGloo, whose destructor joins Gloo's
+threads and closes its sockets.
+
+Interface: FLAGCX_SOCKET_IFNAME picks the one Gloo binds to; else GLOO_SOCKET_IFNAME
+(torch's own variable) or the address the hostname resolves to; when that is loopback
+or nothing (Debian's ``127.0.1.1 host`` line, a container without DNS), the address of
+the route to the store's host, so that ranks on other hosts can connect.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch._C._distributed_c10d as c10d
 from torch._C._distributed_c10d import ProcessGroupGloo
 
-from ..errors import FlagcxError, FlagcxTimeout
+from ..bootstrap import PeerReport, hostname_address, route_address, select_interface
+from ..config import get as get_config
+from ..errors import CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
 from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
 from .base import Adapter, AdapterContext, Capabilities, Handle
+
+log = logging.getLogger("flagcx.gloo")
 
 _GLOO_OPS = {
     ReduceOp.SUM: dist.ReduceOp.SUM,
@@ -28,45 +45,75 @@ _GLOO_OPS = {
 }
 
 
-def translate_error(exc: BaseException, what: str, timeout: float) -> FlagcxError:
-    """Map a torch/Gloo error to the flagcx hierarchy (timeouts become FlagcxTimeout)."""
+def translate_error(exc: BaseException, what: str, timeout: float, rank: Optional[int] = None, peers: str = "") -> FlagcxError:
+    """Map a torch/Gloo error to the flagcx hierarchy (FlagcxTimeout, RemoteError for a lost peer); ``peers`` names the missing ones."""
     text = str(exc)
     lowered = text.lower()
+    note = f"; {peers}" if peers else ""
     if "timed out" in lowered or "timeout" in lowered:
-        return FlagcxTimeout(f"{what}: a peer did not arrive within {timeout:g} s ({text.strip()})")
+        return FlagcxTimeout(f"{what}: a peer did not arrive within {timeout:g} s ({text.strip()}){note}", rank=rank)
     if "connection" in lowered or "closed" in lowered or "reset by peer" in lowered:
-        return FlagcxError(f"{what}: a peer disconnected ({text.strip()})")
-    return FlagcxError(f"{what}: {text.strip()}")
+        return RemoteError(f"{what}: a peer disconnected ({text.strip()}){note}", rank=rank)
+    return FlagcxError(f"{what}: {text.strip()}{note}", rank=rank)
+
+
+def _store_host(store) -> Optional[str]:
+    """Host of the TCPStore under ``store``'s prefixes (None for other stores)."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return store.host if isinstance(store, dist.TCPStore) else None
+
+
+def gloo_device(ctx: AdapterContext) -> Optional[ProcessGroupGloo.Device]:
+    """The Gloo device (interface) to bind, or None for torch's default (see the module docstring)."""
+    spec = get_config().socket_ifname
+    if spec:
+        name, addr = select_interface(spec, op=f"creating the Gloo transport of {ctx.label}", rank=ctx.rank)
+        log.info("%s: rank %d binds Gloo to %s (%s) from FLAGCX_SOCKET_IFNAME", ctx.label, ctx.rank, name, addr)
+        return ProcessGroupGloo.create_device(interface=name)
+    if os.environ.get("GLOO_SOCKET_IFNAME") or hostname_address() is not None:
+        return None
+    host = _store_host(ctx.store)
+    addr = route_address(host) if host else None
+    if addr is None or addr.startswith("127."):
+        return None
+    log.info("%s: rank %d binds Gloo to %s, its route to the store at %s (the hostname gives no routable address)", ctx.label, ctx.rank, addr, host)
+    return ProcessGroupGloo.create_device(hostname=addr)
 
 
 class GlooHandle(Handle):
-    """A Gloo Work plus what must happen after it (copy-out for out-of-place ops)."""
+    """A Gloo Work; a failed wait is its adapter's failure (see GlooAdapter._failure)."""
 
-    __slots__ = ("_work", "_what", "_timeout", "_after", "_finished")
+    __slots__ = ("_work", "_what", "_timeout", "_finished", "_adapter", "_collective", "_error")
 
-    def __init__(self, work: dist.Work, what: str, timeout: float, after=None) -> None:
+    def __init__(self, work: dist.Work, what: str, adapter: "GlooAdapter", collective: bool) -> None:
         self._work = work
         self._what = what
-        self._timeout = timeout
-        self._after = after
+        self._timeout = adapter.ctx.timeout
         self._finished = False
+        self._adapter = adapter
+        self._collective = collective
+        self._error: Optional[FlagcxError] = None
 
     def wait(self, timeout: Optional[float] = None) -> None:
         if self._finished:
             return
+        if self._error is not None:
+            raise self._error
         limit = self._timeout if timeout is None else timeout
         try:
             self._work.wait(timedelta(seconds=limit))
-        except FlagcxError:
-            raise
         except Exception as exc:  # Gloo raises RuntimeError / DistBackendError
-            raise translate_error(exc, self._what, limit) from exc
-        if self._after is not None:
-            self._after()
+            if timeout is not None and timeout < self._timeout and not self._work.is_completed():
+                # only the caller's shorter wait expired: the op goes on and may be waited for again
+                raise translate_error(exc, self._what, limit, self._adapter.rank) from exc
+            self._work = None  # the Work holds Gloo's connections open: release them before the roll call
+            self._error = self._adapter._failure(exc, self._what, limit, self._collective)
+            raise self._error from exc
         self._finished = True
 
     def done(self) -> bool:
-        return self._finished or self._work.is_completed()
+        return self._finished or self._work is None or self._work.is_completed()
 
     def source(self) -> int:
         return int(self._work._source_rank())
@@ -87,38 +134,78 @@ class GlooAdapter(Adapter):
         super().__init__(ctx)
         if not dist.is_gloo_available():
             raise FlagcxError("this torch build has no Gloo; use another CPU adapter (FLAGCX_CPU_ADAPTER=shm)")
+        timeout = timedelta(seconds=ctx.timeout)
+        self._backend: Optional[ProcessGroupGloo] = None
+        self._broken: Optional[str] = None
+        self._peers = PeerReport(ctx.store, ctx.rank, ctx.size, ctx.timeout, ctx.peer_name)
         try:
-            self._pg = ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, timedelta(seconds=ctx.timeout))
+            device = gloo_device(ctx)
+            if device is None:
+                self._backend = ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, timeout)
+            else:
+                opts = ProcessGroupGloo._Options()
+                opts._devices = [device]
+                opts._timeout = timeout
+                opts._threads = 2
+                self._backend = ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, opts)
+        except InvalidArgument:
+            raise
         except Exception as exc:
-            raise translate_error(exc, f"creating the Gloo transport of {ctx.label}", ctx.timeout) from exc
+            raise translate_error(exc, f"creating the Gloo transport of {ctx.label}", ctx.timeout, ctx.rank, self._peers.explain()) from exc
 
-    def _handle(self, work: dist.Work, what: str, after=None) -> GlooHandle:
-        return GlooHandle(work, f"{what} on {self.ctx.label}", self.ctx.timeout, after)
+    @property
+    def _pg(self) -> ProcessGroupGloo:
+        """The Gloo backend; CommAborted once an op failed or the adapter was closed."""
+        pg = self._backend
+        if pg is None or self._broken is not None:
+            raise CommAborted(self._broken or f"the Gloo transport of {self.ctx.label} is closed; create a new communicator", rank=self.rank)
+        return pg
+
+    def _failure(self, exc: BaseException, what: str, limit: float, collective: bool) -> FlagcxError:
+        """The FlagcxError for a failed op (naming the missing peers of a collective).
+
+        The adapter is unusable afterwards and drops its backend at once: its sockets
+        close, so peers blocked on this rank fail now instead of at their timeout.
+        """
+        if self._broken is None:
+            self._broken = f"the Gloo transport of {self.ctx.label} is unusable after '{what}' failed; abort this communicator and create a new one"
+            self.abort()
+        return translate_error(exc, what, limit, self.rank, self._peers.explain() if collective else "")
+
+    def _post(self, start: Callable[[ProcessGroupGloo], dist.Work], what: str, collective: bool = True) -> GlooHandle:
+        """Start an op (``start(pg)`` returns its Work); failing to start it (a peer already gone) is the op's failure."""
+        what = f"{what} on {self.ctx.label}"
+        pg = self._pg
+        try:
+            work = start(pg)
+        except Exception as exc:
+            raise self._failure(exc, what, self.ctx.timeout, collective) from exc
+        return GlooHandle(work, what, self, collective)
 
     def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
         if send.data_ptr() != recv.data_ptr():
             recv.copy_(send)
         opts = c10d.AllreduceOptions()
         opts.reduceOp = _GLOO_OPS[op]
-        return self._handle(self._pg.allreduce([recv], opts), "allreduce")
+        return self._post(lambda pg: pg.allreduce([recv], opts), "allreduce")
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
         if overlaps(send, recv):
             send = send.clone()
-        return self._handle(self._pg._allgather_base(recv, send, c10d.AllgatherOptions()), "allgather")
+        return self._post(lambda pg: pg._allgather_base(recv, send, c10d.AllgatherOptions()), "allgather")
 
     def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
         if overlaps(send, recv):
             send = send.clone()
         opts = c10d.ReduceScatterOptions()
         opts.reduceOp = _GLOO_OPS[op]
-        return self._handle(self._pg._reduce_scatter_base(recv, send, opts), "reducescatter")
+        return self._post(lambda pg: pg._reduce_scatter_base(recv, send, opts), "reducescatter")
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
         opts = c10d.BroadcastOptions()
         opts.rootRank = root
         opts.rootTensor = 0
-        return self._handle(self._pg.broadcast([tensor], opts), "broadcast")
+        return self._post(lambda pg: pg.broadcast([tensor], opts), "broadcast")
 
     def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
         # Gloo reduces in place and may scribble on non-root buffers: work on a copy there.
@@ -129,7 +216,7 @@ class GlooAdapter(Adapter):
         opts.reduceOp = _GLOO_OPS[op]
         opts.rootRank = root
         opts.rootTensor = 0
-        return self._handle(self._pg.reduce([work_buf], opts), "reduce")
+        return self._post(lambda pg: pg.reduce([work_buf], opts), "reduce")
 
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
         opts = c10d.GatherOptions()
@@ -137,45 +224,48 @@ class GlooAdapter(Adapter):
         outputs = [list(recv.chunk(self.size))] if self.rank == root else []
         if self.rank == root and recv.numel() == 0:
             outputs = [[recv.new_empty(0) for _ in range(self.size)]]
-        return self._handle(self._pg.gather(outputs, [send], opts), "gather")
+        return self._post(lambda pg: pg.gather(outputs, [send], opts), "gather")
 
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
         opts = c10d.ScatterOptions()
         opts.rootRank = root
         inputs = [list(send.view(self.size, -1).unbind(0))] if self.rank == root else []
-        return self._handle(self._pg.scatter([recv], inputs, opts), "scatter")
+        return self._post(lambda pg: pg.scatter([recv], inputs, opts), "scatter")
 
     def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
         if overlaps(send, recv):
             send = send.clone()
-        return self._handle(self._pg.alltoall_base(recv, send, [], [], c10d.AllToAllOptions()), "alltoall")
+        return self._post(lambda pg: pg.alltoall_base(recv, send, [], [], c10d.AllToAllOptions()), "alltoall")
 
     def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
         if overlaps(send, recv):
             send = send.clone()
-        work = self._pg.alltoall_base(recv, send, list(recv_counts), list(send_counts), c10d.AllToAllOptions())
-        return self._handle(work, "alltoallv")
+        return self._post(lambda pg: pg.alltoall_base(recv, send, list(recv_counts), list(send_counts), c10d.AllToAllOptions()), "alltoallv")
 
     def send(self, tensor: torch.Tensor, peer: int) -> Handle:
-        return self._handle(self._pg.send([tensor], peer, 0), f"send to {self.ctx.peer_name(peer)}")
+        return self._post(lambda pg: pg.send([tensor], peer, 0), f"send to {self.ctx.peer_name(peer)}", collective=False)
 
     def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
         if peer is None:
-            return self._handle(self._pg.recv_anysource([tensor], 0), "recv from any source")
-        return self._handle(self._pg.recv([tensor], peer, 0), f"recv from {self.ctx.peer_name(peer)}")
+            return self._post(lambda pg: pg.recv_anysource([tensor], 0), "recv from any source", collective=False)
+        return self._post(lambda pg: pg.recv([tensor], peer, 0), f"recv from {self.ctx.peer_name(peer)}", collective=False)
 
     def barrier(self) -> Handle:
-        return self._handle(self._pg.barrier(c10d.BarrierOptions()), "barrier")
+        return self._post(lambda pg: pg.barrier(c10d.BarrierOptions()), "barrier")
 
     def abort(self) -> None:
-        try:
-            self._pg.abort()
-        except Exception:  # already broken: nothing more to release
-            pass
+        pg, self._backend = self._backend, None
+        if pg is not None:
+            try:
+                pg.abort()
+            except Exception:  # already broken: dropping it below releases what is left
+                pass
 
     def close(self) -> None:
-        try:
-            self._pg.shutdown()
-        except Exception:
-            pass
+        pg, self._backend = self._backend, None
+        if pg is not None:
+            try:
+                pg.shutdown()
+            except Exception:
+                pass
 

@@ -14,9 +14,12 @@ buffers that alias the tensors' memory (``MPI.buffer.fromaddress``, no copies), 
 returns a handle; ``wait`` polls ``Test()``: busy for up to 2 ms like MPI's blocking
 calls (200 us when the host runs more ranks than cores, so that peers get the CPU),
 then with ``sched_yield``, then with short sleeps, until the op completes or the
-timeout expires with FlagcxTimeout naming the op and the group. After a timed-out
-collective (or send) the MPI communicator is out of step with its peers, so every
-later call raises CommAborted; a timed-out recv is cancelled and leaves it usable.
+timeout expires with FlagcxTimeout naming the op, the group and (for a collective)
+the peers that did not arrive (a roll call in the store, :class:`flagcx.bootstrap.PeerReport`).
+After a timed-out collective (or send) the MPI communicator is out of step with its
+peers, so every later call raises CommAborted; a timed-out recv is cancelled and
+leaves it usable. MPI itself is not fault tolerant: under mpiexec a rank that dies
+ends the whole job (the launcher kills the other ranks).
 
 Reductions: float32, float64, int8, uint8, int32 and int64 are reduced natively
 (integers wrap around); float16 and bfloat16 are staged through a float32 copy,
@@ -34,7 +37,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..bootstrap import detect_launch_env, store_allgather
+from ..bootstrap import PeerReport, detect_launch_env, store_allgather
 from ..errors import CommAborted, FlagcxError, FlagcxTimeout
 from ..tensors import overlaps
 from ..types import REDUCE_DTYPES, ReduceOp
@@ -201,6 +204,7 @@ class MpiAdapter(Adapter):
             )
         self.world_ranks = world_ranks
         """MPI_COMM_WORLD rank of each member, in flagcx rank order."""
+        self._peers = PeerReport(ctx.store, ctx.rank, ctx.size, ctx.timeout, ctx.peer_name)
         self._ops = {ReduceOp.SUM: MPI.SUM, ReduceOp.PROD: MPI.PROD, ReduceOp.MAX: MPI.MAX, ReduceOp.MIN: MPI.MIN}
         self._types = {
             torch.float32: MPI.FLOAT,
@@ -309,8 +313,9 @@ class MpiAdapter(Adapter):
             f"the MPI communicator of {self.ctx.label} is unusable after '{what}' timed out; "
             "destroy this communicator and create a new one"
         )
+        peers = self._peers.explain() if handle._op != "send" else ""
         raise FlagcxTimeout(
-            f"{what}: not complete within {limit:g} s (a peer crashed, did not call it, or is blocked in another call); "
+            f"{what}: not complete within {limit:g} s ({peers or 'a peer crashed, did not call it, or is blocked in another call'}); "
             "this communicator is unusable now: destroy it and create a new one",
             op=handle._op,
             rank=self.rank,

@@ -10,11 +10,20 @@ or when one of their handles is waited on or polled. A p2p handle's ``wait`` mak
 the caller's current stream wait for the launch (an event), so two ranks that both
 post isend before irecv, or torch's ``batch_isend_irecv`` arriving as single calls,
 never deadlock. Inside group_start/group_end every op launches directly.
+
+Watchdog (FLAGCX_NCCL_WATCHDOG, on by default): every launch outside graph capture
+records an event on its stream, and :mod:`flagcx.watchdog` polls the adapter for
+NCCL's asynchronous error and for the age of its oldest unfinished launch. Past the
+timeout it stores a FlagcxTimeout (naming the peers that did not report, see
+:class:`flagcx.bootstrap.PeerReport`) and aborts the communicator; every later call
+on the adapter, and the wait of a queued send/recv, raises that error.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 import zlib
 from typing import Any, Optional, Sequence, Union
@@ -22,7 +31,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ..bootstrap import store_allgather
+from .. import config, watchdog
+from ..bootstrap import PeerReport, store_allgather
 from ..errors import CommAborted, FlagcxError, FlagcxTimeout, NotSupported
 from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
@@ -81,6 +91,8 @@ class P2PHandle(Handle):
         return batch.events
 
     def wait(self, timeout: Optional[float] = None) -> None:
+        if self._adapter._failed is not None:
+            raise self._adapter._failed
         event = self._launched()[self._stream]
         current = torch.cuda.current_stream(self._adapter._device)
         if current.cuda_stream != self._stream:
@@ -153,7 +165,11 @@ class NcclAdapter(Adapter):
 
     def _bind(self, lib: nccl_lib.NcclLib, comm: Any, index: int) -> None:
         self._lib = lib
-        self._comm = comm
+        self._ncomm = comm
+        self._failed: Optional[FlagcxError] = None
+        self._launches: collections.deque[tuple[float, str, torch.cuda.Event, bool]] = collections.deque()
+        self._spare_events: list[torch.cuda.Event] = []
+        self._watch_lock = threading.Lock()
         self._index = index
         self._device = torch.device("cuda", index)
         self._raw_stream = torch._C._cuda_getCurrentRawStream
@@ -179,19 +195,84 @@ class NcclAdapter(Adapter):
                 reduce_ops=self.capabilities.reduce_ops - {ReduceOp.AVG},
                 stream_ordered=True,
             )
+        self._watched = config.get().nccl_watchdog
+        if self._watched:
+            self._peers = PeerReport(self.ctx.store, self.rank, self.size, self.ctx.timeout, self.ctx.peer_name)
+            watchdog.watch(self)
+
+    @property
+    def _comm(self) -> Any:
+        """The NCCL communicator; raises the watchdog's error, or CommAborted, once it is gone."""
+        comm = self._ncomm
+        if comm is None:
+            raise self._failed or CommAborted(f"the NCCL communicator of {self.ctx.label} was aborted or destroyed; create a new one", rank=self.rank)
+        return comm
+
+    # ------------------------------------------------------------------ watchdog (see flagcx.watchdog)
+    @property
+    def watch_timeout(self) -> float:
+        return self.ctx.timeout
+
+    @property
+    def watch_label(self) -> str:
+        return self.ctx.label
+
+    def _track(self, op: str) -> None:
+        """Record the launch just enqueued on the current stream (nothing inside a group or a graph capture)."""
+        if self._depth or torch.cuda.is_current_stream_capturing():
+            return
+        event = self._spare_events.pop() if self._spare_events else torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._device))
+        with self._watch_lock:
+            self._launches.append((time.monotonic(), op, event, True))
+            if len(self._launches) > 32:
+                self._prune()
+
+    def _prune(self) -> None:
+        """Drop finished launches from the front (the lock is held)."""
+        launches = self._launches
+        while launches:
+            _, _, event, spare = launches[0]
+            try:
+                finished = event.query()
+            except Exception:  # not queryable (recorded under a capture): not a launch to wait for
+                finished = True
+            if not finished:
+                return
+            launches.popleft()
+            if spare and len(self._spare_events) < 64:
+                self._spare_events.append(event)
+
+    def oldest_pending(self) -> Optional[tuple[float, str]]:
+        """(time.monotonic() at launch, op) of the oldest launch not finished on the device."""
+        with self._watch_lock:
+            self._prune()
+            return self._launches[0][:2] if self._launches else None
+
+    def peer_report(self) -> str:
+        return self._peers.explain()
+
+    def fail(self, exc: FlagcxError) -> None:
+        """Called by the watchdog: keep ``exc`` for the next call or wait, then ncclCommAbort."""
+        self._failed = exc
+        self.abort()
 
     # ------------------------------------------------------------------ errors
     def _error(self, rc: int, call: str, op: str) -> FlagcxError:
-        return self._lib.error(rc, call, self._comm, op=op, rank=self.rank, hint=f"communicator {self.ctx.label}")
+        return self._lib.error(rc, call, self._ncomm, op=op, rank=self.rank, hint=f"communicator {self.ctx.label}")
 
     def check_async_error(self) -> None:
         """Raise the error NCCL reports for this communicator's in-flight work (ncclCommGetAsyncError), if any."""
-        if self._comm is None or self._lib.CommGetAsyncError is None:
-            return
-        rc = self._lib.CommGetAsyncError(self._comm, self._async_out)
+        if self._failed is not None:
+            raise self._failed
+        with self._watch_lock:  # the watchdog thread calls this too: never on a communicator being aborted
+            comm = self._ncomm
+            if comm is None or self._lib.CommGetAsyncError is None:
+                return
+            rc = self._lib.CommGetAsyncError(comm, self._async_out)
+            err = self._async_out[0]
         if rc:
             raise self._error(rc, "CommGetAsyncError", "check_async_error")
-        err = self._async_out[0]
         if err not in (nccl_lib.SUCCESS, nccl_lib.IN_PROGRESS):
             raise self._error(err, "CommGetAsyncError", "asynchronous NCCL error")
 
@@ -211,6 +292,8 @@ class NcclAdapter(Adapter):
             rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allreduce"), _OPS[op], self._comm, self._raw_stream(self._index))
             if rc:
                 raise self._error(rc, "AllReduce", "allreduce")
+            if self._watched:
+                self._track("allreduce")
         return DONE
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
@@ -223,6 +306,8 @@ class NcclAdapter(Adapter):
             rc = self._allgather(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allgather"), self._comm, self._raw_stream(self._index))
             if rc:
                 raise self._error(rc, "AllGather", "allgather")
+            if self._watched:
+                self._track("allgather")
         return DONE
 
     def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
@@ -237,6 +322,8 @@ class NcclAdapter(Adapter):
             )
             if rc:
                 raise self._error(rc, "ReduceScatter", "reducescatter")
+            if self._watched:
+                self._track("reducescatter")
         return DONE
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
@@ -248,6 +335,8 @@ class NcclAdapter(Adapter):
             rc = self._broadcast(ptr, ptr, n, self._dtype(tensor, "broadcast"), root, self._comm, self._raw_stream(self._index))
             if rc:
                 raise self._error(rc, "Broadcast", "broadcast")
+            if self._watched:
+                self._track("broadcast")
         return DONE
 
     def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
@@ -260,6 +349,8 @@ class NcclAdapter(Adapter):
             )
             if rc:
                 raise self._error(rc, "Reduce", "reduce")
+            if self._watched:
+                self._track("reduce")
         return DONE
 
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
@@ -320,6 +411,8 @@ class NcclAdapter(Adapter):
             err = self._error(rc, "GroupEnd", op)
         if err is not None:
             raise err
+        if self._watched:
+            self._track(op)
         return DONE
 
     def barrier(self) -> Handle:
@@ -339,12 +432,15 @@ class NcclAdapter(Adapter):
         while not event.query():
             self.check_async_error()
             if time.monotonic() > deadline:
-                raise FlagcxTimeout(
-                    f"not finished on the device after {self.ctx.timeout:g} s on {self.ctx.label} (a peer did not arrive); "
-                    "abort the communicator and create a new one",
+                peers = self._peers.explain() if self._watched else ""
+                exc = FlagcxTimeout(
+                    f"not finished on the device after {self.ctx.timeout:g} s on {self.ctx.label} ({peers or 'a peer did not arrive'}); "
+                    "the communicator was aborted: create a new one",
                     op=op,
                     rank=self.rank,
                 )
+                self.fail(exc)  # ncclCommAbort ends the stuck kernel; a later ncclCommDestroy would wait for it
+                raise exc
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
@@ -399,6 +495,10 @@ class NcclAdapter(Adapter):
                 event.record(stream)
                 events[stream.cuda_stream] = event
         batch.events = events
+        if self._watched and not torch.cuda.is_current_stream_capturing():
+            now = time.monotonic()
+            with self._watch_lock:
+                self._launches.extend((now, "send/recv", event, False) for event in events.values())
 
     def group_start(self) -> None:
         if self._pending:
@@ -415,6 +515,8 @@ class NcclAdapter(Adapter):
         rc = self._group_end()
         if rc:
             raise self._error(rc, "GroupEnd", "group_end")
+        if self._watched and not self._depth:
+            self._track("group")
 
     # ------------------------------------------------------------------ extras beyond the contract
     def allreduce_premul(self, send: torch.Tensor, recv: torch.Tensor, factor: float) -> Handle:
@@ -439,6 +541,8 @@ class NcclAdapter(Adapter):
             rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, dt, op_out[0], self._comm, self._raw_stream(self._index))
             if rc:
                 raise self._error(rc, "AllReduce", "allreduce")
+            if self._watched:
+                self._track("allreduce")
         finally:
             lib.RedOpDestroy(op_out[0], self._comm)  # allowed once the last call using the op has returned
         return DONE
@@ -492,7 +596,7 @@ class NcclAdapter(Adapter):
         rank, size = lib.comm_int("CommUserRank", comm), lib.comm_int("CommCount", comm)
         g = self.ctx.global_ranks
         child = AdapterContext(
-            store=dist.PrefixStore(f"split{self._splits}/", self.ctx.store),
+            store=dist.PrefixStore(f"split{self._splits}/{color}/", self.ctx.store),  # one prefix per child (the watchdog's roll call)
             rank=rank,
             size=size,
             timeout=self.ctx.timeout,
@@ -509,9 +613,19 @@ class NcclAdapter(Adapter):
             self._pending = []
             self._batch = _Batch()
 
+    def _release(self) -> Any:
+        """Detach the communicator (None when already gone) and stop watching it."""
+        with self._watch_lock:
+            comm, self._ncomm = getattr(self, "_ncomm", None), None
+            self._launches.clear()
+            self._spare_events.clear()
+        if self._watched:
+            watchdog.unwatch(self)
+        return comm
+
     def abort(self) -> None:
         """ncclCommAbort: stop in-flight work without waiting for peers."""
-        comm, self._comm = getattr(self, "_comm", None), None
+        comm = self._release()
         if comm is None:
             return
         self._discard_pending("aborted")
@@ -521,7 +635,7 @@ class NcclAdapter(Adapter):
 
     def close(self) -> None:
         """ncclCommDestroy (idempotent)."""
-        comm, self._comm = getattr(self, "_comm", None), None
+        comm = self._release()
         if comm is None:
             return
         self._discard_pending("closed")

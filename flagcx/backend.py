@@ -24,7 +24,8 @@ from .types import ReduceOp
 from .work import Work, merge
 
 BACKEND_NAME = "flagcx"
-DEVICES = ["cpu", "cuda"]
+DEVICES = ["cpu", "cuda", "npu", "mlu", "musa", "xpu", "hpu", "mtia"]
+"""Device types accepted in backend strings ("cpu:gloo,npu:flagcx"); tensors of other vendors' types reach their adapter (see DEVICE_ADAPTERS)."""
 
 
 class _Completer:
@@ -409,4 +410,10 @@ def register() -> None:
     """Register backend "flagcx" with torch.distributed (idempotent)."""
     if BACKEND_NAME.upper() in dist.Backend._plugins:
         return
+    unclaimed = [d for d in DEVICES if d not in dist.Backend.default_device_backend_map]
     dist.Backend.register_backend(BACKEND_NAME, _create_process_group, extended_api=True, devices=DEVICES)
+    # flagcx is chosen by name only: it never becomes a device type's implicit default, so a
+    # vendor's extension imported later (torch_npu -> hccl for npu) still claims its device.
+    for device in unclaimed:
+        if dist.Backend.default_device_backend_map.get(device) == BACKEND_NAME:
+            del dist.Backend.default_device_backend_map[device]

@@ -42,7 +42,13 @@ DEFAULT_TIMEOUT = 600.0
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 DEVICE_ADAPTERS = {"cuda": "nccl"}
-"""Native adapter for each accelerator device type (CPU tensors use the CPU adapter)."""
+"""Builtin native adapter per accelerator device type (CPU tensors use the CPU adapter).
+
+The adapter of a device type is, first match wins: FLAGCX_VENDOR_BACKEND's c10d backend
+for it (``torch_pg:<backend>``), FLAGCX_DEVICE_ADAPTER's adapter for it (a builtin or
+plugin name), this table, torch's default c10d backend of the device type (the one the
+vendor's torch extension registered, e.g. hccl for npu) through ``torch_pg``.
+"""
 
 
 _FINGERPRINT = 160
@@ -210,7 +216,8 @@ class Communicator:
         if len(wanted) > 1:
             detail = ", ".join(f"rank {i}: {r['cpu_adapter']}" for i, r in enumerate(self._records))
             raise InvalidArgument(
-                f"ranks disagree on FLAGCX_CPU_ADAPTER ({detail}); set the same value on every rank",
+                f"ranks disagree on FLAGCX_CPU_ADAPTER ({detail}); set the same value on every rank "
+                "(torch_pg:<backend> comes from FLAGCX_VENDOR_BACKEND=cpu:<backend>, which wins over FLAGCX_CPU_ADAPTER)",
                 op="init",
                 rank=self.rank,
             )
@@ -240,6 +247,13 @@ class Communicator:
         name = self._choose_cpu_adapter()
         cls = adapter_class(name)
         device = torch.device("cpu")
+        caps = getattr(cls, "capabilities", None)
+        if caps is not None and "cpu" not in caps.devices:
+            raise FlagcxError(
+                f"adapter {name!r} moves {', '.join(sorted(caps.devices))} tensors, not cpu ones; set FLAGCX_CPU_ADAPTER to a CPU transport",
+                op="init",
+                rank=self.rank,
+            )
         reason = cls.unavailable_reason(device)
         if reason is not None:
             raise FlagcxError(f"CPU adapter {name!r} cannot run: {reason}", op="init", rank=self.rank)
@@ -267,16 +281,52 @@ class Communicator:
             )
         return adapter
 
+    def _device_adapter_name(self, kind: str) -> Optional[str]:
+        """This rank's adapter name for ``kind`` tensors (the order in DEVICE_ADAPTERS' docstring); None when there is none."""
+        from .adapters.torch_pg import default_backend, vendor_backend
+
+        backend = vendor_backend(kind, self._records[self.rank]["topo"]["device_type"])
+        if backend:
+            return f"torch_pg:{backend}"
+        name = dict(config.get().device_adapters).get(kind) or DEVICE_ADAPTERS.get(kind)
+        if name is not None:
+            return name
+        fallback = default_backend(kind)
+        return f"torch_pg:{fallback}" if fallback else None
+
     def _make_device_adapter(self, device: torch.device, op: str) -> Adapter:
-        """Create the native adapter of an accelerator on its first use (every rank reaches the same op)."""
-        name = DEVICE_ADAPTERS.get(device.type)
+        """Create the adapter of an accelerator on its first use (every rank reaches the same op; see DEVICE_ADAPTERS for the choice).
+
+        The ranks compare their choices through the store first, so a rank configured
+        differently makes every rank raise instead of leaving some waiting.
+        """
+        kind = device.type
+        name = self._device_adapter_name(kind)
         if name is None:
-            raise NotSupported(f"no adapter for {device.type} tensors; supported devices: cpu, {', '.join(DEVICE_ADAPTERS)}", op=op, rank=self.rank)
-        dev = device if device.index is not None else torch.device(device.type, current_device_index(device.type))
+            raise NotSupported(
+                f"no adapter for {kind} tensors (builtin: cpu, {', '.join(DEVICE_ADAPTERS)}); set FLAGCX_VENDOR_BACKEND={kind}:<c10d backend> "
+                f"(one the vendor's torch extension registers) or FLAGCX_DEVICE_ADAPTER={kind}:<adapter>",
+                op=op,
+                rank=self.rank,
+            )
+        choices = store_allgather(
+            self._store, self._next_key(f"adapter-{kind}"), self.rank, self.size, name.encode(), self.timeout, f"choosing the {kind} adapter of {self.name}"
+        )
+        if len(set(choices)) > 1:
+            detail = ", ".join(f"rank {r}: {c.decode()}" for r, c in enumerate(choices))
+            raise InvalidArgument(
+                f"ranks chose different adapters for {kind} tensors ({detail}); set the same FLAGCX_VENDOR_BACKEND / FLAGCX_DEVICE_ADAPTER on every rank",
+                op=op,
+                rank=self.rank,
+            )
         cls = adapter_class(name)
-        reason = cls.unavailable_reason(dev)
+        caps = getattr(cls, "capabilities", None)
+        if caps is not None and kind not in caps.devices:
+            raise NotSupported(f"adapter {name} moves {', '.join(sorted(caps.devices))} tensors, not {kind} ones; fix FLAGCX_DEVICE_ADAPTER", op=op, rank=self.rank)
+        reason = cls.unavailable_reason(device)
         if reason is not None:
-            raise NotSupported(f"adapter {name} cannot run on {dev}: {reason}", op=op, rank=self.rank)
+            raise NotSupported(f"adapter {name} cannot run on {device}: {reason}", op=op, rank=self.rank)
+        dev = device if device.index is not None else torch.device(device.type, current_device_index(device.type))
         adapter = cls(self._adapter_context(name, dev))
         self._adapters[device.type] = adapter
         log.info("%s: rank %d/%d uses adapter %s for %s tensors", self.name, self.rank, self.size, name, dev)
@@ -576,18 +626,12 @@ class Communicator:
             self._verify(name, _desc(out), _kind(tensor))
         self._check_tensor(name, "tensor", tensor)
         adapter = self._enter(name, tensor.device)
-        steps: list[Step] = []
-        if isinstance(out, torch.Tensor):
-            self._check_like(name, "out", out, tensor, tensor.numel() * self.size)
-            outputs = [out]
-            recv = self._contig_out(out, steps)
-        else:
+        if not isinstance(out, torch.Tensor):
             outs = self._check_list(name, "out", out, tensor)
-            outputs = list(outs)
             if any(o.numel() != tensor.numel() for o in outs):
                 return self._all_gather_uneven(adapter, outs, tensor, async_op)
-            recv = torch.empty(tensor.numel() * self.size, dtype=tensor.dtype, device=tensor.device)
-            steps.append(lambda: _unpack(recv, outs))
+        steps: list[Step] = []
+        recv, outputs = self._blocks_out(name, out, tensor, steps)
         if tensor.numel() == 0:
             return self._done(name, outputs, async_op)
         send = self._contig_in(tensor)
@@ -666,14 +710,7 @@ class Communicator:
         adapter = self._enter(name, out.device)
         if isinstance(tensor, torch.Tensor):
             self._check_tensor(name, "tensor", tensor)
-            self._check_like(name, "tensor", tensor, out, out.numel() * self.size)
-            send = self._contig_in(tensor)
-        else:
-            blocks = self._check_list(name, "tensor", tensor, out)
-            for i, b in enumerate(blocks):
-                if b.numel() != out.numel():
-                    raise invalid(name, self.rank, f"tensor[{i}]", f"has {b.numel()} elements, expected {out.numel()}", "give every block the output's size")
-            send = torch.cat([flat(b) for b in blocks]) if out.numel() else out.new_empty(0)
+        send = self._blocks_in(name, tensor, out)
         if out.numel() == 0:
             return self._done(name, [out], async_op)
         steps: list[Step] = []
@@ -763,15 +800,7 @@ class Communicator:
         if self.rank == root:
             if out is None:
                 raise invalid(name, self.rank, "out", "is missing on the root", "pass a gather list (or a tensor of size * numel elements) on the root")
-            if isinstance(out, torch.Tensor):
-                self._check_like(name, "out", out, tensor, tensor.numel() * self.size)
-                outputs = [out]
-                recv = self._contig_out(out, steps)
-            else:
-                outs = self._check_list(name, "out", out, tensor, tensor.numel())
-                outputs = list(outs)
-                recv = torch.empty(tensor.numel() * self.size, dtype=tensor.dtype, device=tensor.device)
-                steps.append(lambda: _unpack(recv, outs))
+            recv, outputs = self._blocks_out(name, out, tensor, steps)
         if tensor.numel() == 0:
             return self._done(name, outputs, async_op)
         s = as_bytes(self._contig_in(tensor))
@@ -798,12 +827,7 @@ class Communicator:
         if self.rank == root:
             if tensor is None:
                 raise invalid(name, self.rank, "tensor", "is missing on the root", "pass a scatter list (or a tensor of size * numel elements) on the root")
-            if isinstance(tensor, torch.Tensor):
-                self._check_like(name, "tensor", tensor, out, out.numel() * self.size)
-                send = self._contig_in(tensor)
-            else:
-                blocks = self._check_list(name, "tensor", tensor, out, out.numel())
-                send = torch.cat([flat(b) for b in blocks]) if out.numel() else out.new_empty(0)
+            send = self._blocks_in(name, tensor, out)
         if out.numel() == 0:
             return self._done(name, [out], async_op)
         steps: list[Step] = []
@@ -898,6 +922,24 @@ class Communicator:
             self._check_tensor(op, f"{arg}[{i}]", t)
             self._check_like(op, f"{arg}[{i}]", t, ref, numel)
         return list(items)
+
+    def _blocks_out(self, op: str, out: TensorOrList, like: torch.Tensor, steps: list[Step]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Flat receive buffer for ``out`` (size * like.numel() elements, or a list of size blocks like ``like``) and the tensors it fills."""
+        if isinstance(out, torch.Tensor):
+            self._check_like(op, "out", out, like, like.numel() * self.size)
+            return self._contig_out(out, steps), [out]
+        outs = self._check_list(op, "out", out, like, like.numel())
+        recv = torch.empty(like.numel() * self.size, dtype=like.dtype, device=like.device)
+        steps.append(lambda: _unpack(recv, outs))
+        return recv, outs
+
+    def _blocks_in(self, op: str, tensor: TensorOrList, like: torch.Tensor) -> torch.Tensor:
+        """Flat send buffer for ``tensor`` (size * like.numel() elements, or a list of size blocks like ``like``)."""
+        if isinstance(tensor, torch.Tensor):
+            self._check_like(op, "tensor", tensor, like, like.numel() * self.size)
+            return self._contig_in(tensor)
+        blocks = self._check_list(op, "tensor", tensor, like, like.numel())
+        return torch.cat([flat(b) for b in blocks]) if like.numel() else like.new_empty(0)
 
     # ------------------------------------------------------------------ point to point
     @_collective
@@ -1026,7 +1068,7 @@ class Communicator:
             return False
         adapter = self._adapters.get(device_type)
         if adapter is None:
-            name = DEVICE_ADAPTERS.get(device_type)
+            name = self._device_adapter_name(device_type)
             return name is not None and callable(getattr(adapter_class(name), "split", None))
         return callable(getattr(adapter, "split", None))
 
@@ -1065,18 +1107,27 @@ class Communicator:
         )
 
     def abort(self) -> None:
-        """Tear down without waiting for peers; every later call raises CommAborted."""
+        """Tear down without waiting for peers; every later call raises CommAborted. Never raises (failures are logged)."""
         if self._closed is None:
             self._closed = "aborted"
             for adapter in self._all_adapters():
-                adapter.abort()
+                try:
+                    adapter.abort()
+                except Exception:
+                    log.warning("%s: aborting adapter %s failed", self.name, adapter.name, exc_info=True)
 
     def destroy(self) -> None:
-        """Release every transport; every later call raises CommAborted."""
+        """Release every transport (all of them: the first failure is raised afterwards); every later call raises CommAborted."""
         if self._closed is None:
             self._closed = "destroyed"
+            first: Optional[BaseException] = None
             for adapter in self._all_adapters():
-                adapter.close()
+                try:
+                    adapter.close()
+                except Exception as exc:
+                    first = first or exc
+            if first is not None:
+                raise first
 
     def _all_adapters(self) -> list[Adapter]:
         return list(self._adapters.values()) + ([self._hetero] if self._hetero is not None else [])

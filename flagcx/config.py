@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ _LEVELS = {
 }
 
 CPU_ADAPTERS = ("auto", "shm", "gloo", "mpi")
+"""Builtin FLAGCX_CPU_ADAPTER values; any other name must be a registered plugin adapter (checked when a communicator is created)."""
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Config:
     timeout: float | None
     """FLAGCX_TIMEOUT: seconds; overrides the timeout given to a communicator."""
     cpu_adapter: str
-    """FLAGCX_CPU_ADAPTER: auto | shm | gloo | mpi, the transport for CPU tensors."""
+    """FLAGCX_CPU_ADAPTER: auto | shm | gloo | mpi | a plugin adapter's name, the transport for CPU tensors; ``torch_pg:<backend>`` when FLAGCX_VENDOR_BACKEND has a ``cpu:<backend>`` entry (that entry wins)."""
     host_id: str | None
     """FLAGCX_HOST_ID: host identity override (ranks with equal ids share memory)."""
     cluster_id: str | None
@@ -55,6 +59,16 @@ class Config:
     """FLAGCX_SHM_BUFFER: staging bytes per rank of the shm transport's collectives (suffix K/M/G allowed); default 1M."""
     shm_p2p_buffer: int | None = None
     """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); default 256K, less beyond 16 ranks."""
+    socket_ifname: str | None = None
+    """FLAGCX_SOCKET_IFNAME: network interface of the inter-host transport (Gloo) and of the mpiexec rendezvous address, NCCL syntax: comma-separated name prefixes, ``=`` first for exact names, ``^`` first to exclude; the first matching interface with an IPv4 address is used."""
+    vendor_backends: tuple[tuple[str, str], ...] = ()
+    """FLAGCX_VENDOR_BACKEND: c10d backends run through the torch_pg adapter, ``backend`` (for this process's accelerator) or ``type:backend`` pairs, comma-separated (``hccl``, ``npu:hccl,cpu:gloo``); ("", backend) stands for the accelerator. Wins over FLAGCX_DEVICE_ADAPTER and, for cpu, over FLAGCX_CPU_ADAPTER."""
+    device_adapters: tuple[tuple[str, str], ...] = ()
+    """FLAGCX_DEVICE_ADAPTER: adapter per accelerator device type, ``type:name`` pairs, comma-separated (``npu:myccl``; a builtin or plugin adapter name); wins over the builtin choice (cuda: nccl) and torch's default c10d backend of the device type."""
+    adapter_plugins: tuple[str, ...] = ()
+    """FLAGCX_ADAPTER_PLUGIN: extra adapter classes as ``module:Class``, comma-separated, added to the ``flagcx.adapters`` entry points; loaded and validated on the first lookup of a non-builtin adapter name."""
+    nccl_watchdog: bool = True
+    """FLAGCX_NCCL_WATCHDOG: 1 (default) runs the watchdog thread that aborts an NCCL communicator whose op outlives the timeout (one CUDA event per launch); 0 turns it off."""
 
 
 def _env(name: str) -> str | None:
@@ -124,11 +138,79 @@ def _parse_bytes(name: str, raw: str | None) -> int | None:
     return value
 
 
+def _parse_ifname(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    names = raw.removeprefix("^").removeprefix("=")
+    if not [n for n in names.split(",") if n.strip()]:
+        raise ValueError(f"FLAGCX_SOCKET_IFNAME={raw!r} names no interface; write e.g. FLAGCX_SOCKET_IFNAME=eth (prefix), =eth0 (exact) or ^docker,lo (exclude)")
+    return raw
+
+
+def _pairs(name: str, raw: str | None, example: str, bare: bool) -> tuple[tuple[str, str], ...]:
+    """``type:value`` items of a comma list (``("", value)`` for a bare item where ``bare``), device types distinct."""
+    if raw is None:
+        return ()
+    pairs: list[tuple[str, str]] = []
+    for item in raw.lower().split(","):
+        item = item.strip()
+        if not item:
+            continue
+        device, sep, value = item.rpartition(":")
+        device, value = device.strip(), value.strip()
+        if (not sep and not bare) or (sep and not _NAME.match(device)) or not _NAME.match(value):
+            form = "'name' or 'type:name'" if bare else "'type:name'"
+            raise ValueError(f"{name} entry {item!r} is not {form}; write e.g. {name}={example}")
+        if device in (d for d, _ in pairs):
+            raise ValueError(f"{name}={raw!r} names {device or 'the accelerator'} twice; give each device type one entry")
+        pairs.append((device, value))
+    return tuple(pairs)
+
+
+def _parse_vendor_backends(raw: str | None) -> tuple[tuple[str, str], ...]:
+    pairs = _pairs("FLAGCX_VENDOR_BACKEND", raw, "npu:hccl,cpu:gloo", bare=True)
+    for device, backend in pairs:
+        if backend == "flagcx":
+            raise ValueError("FLAGCX_VENDOR_BACKEND cannot name 'flagcx' itself; name the vendor's c10d backend (hccl, cncl, xccl, gloo, nccl...)")
+    return pairs
+
+
+def _parse_device_adapters(raw: str | None) -> tuple[tuple[str, str], ...]:
+    pairs = _pairs("FLAGCX_DEVICE_ADAPTER", raw, "npu:myccl", bare=False)
+    for device, _ in pairs:
+        if device == "cpu":
+            raise ValueError("FLAGCX_DEVICE_ADAPTER is for accelerators; choose the CPU transport with FLAGCX_CPU_ADAPTER")
+    return pairs
+
+
+def _parse_cpu_adapter(raw: str | None, vendor: str | None) -> str:
+    backend = dict(_parse_vendor_backends(vendor)).get("cpu")
+    if backend is not None:
+        return f"torch_pg:{backend}"
+    name = (raw or "auto").lower()
+    if name == "torch_pg":
+        raise ValueError("FLAGCX_CPU_ADAPTER=torch_pg needs a c10d backend; set FLAGCX_VENDOR_BACKEND=cpu:<backend> instead")
+    if not _NAME.match(name):
+        raise ValueError(f"FLAGCX_CPU_ADAPTER={name!r} is not one of {', '.join(CPU_ADAPTERS)} nor a plugin adapter name")
+    return name
+
+
+def _parse_plugins(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    targets = tuple(t.strip() for t in raw.split(",") if t.strip())
+    for target in targets:
+        module, sep, attr = target.partition(":")
+        if not sep or not attr.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+            raise ValueError(f"FLAGCX_ADAPTER_PLUGIN entry {target!r} is not 'module:Class'; write e.g. FLAGCX_ADAPTER_PLUGIN=my_pkg.adapter:MyAdapter")
+    return targets
+
+
 def _load() -> Config:
     return Config(
         debug=(_env("FLAGCX_DEBUG") or "WARN").upper(),
         timeout=_parse_timeout(_env("FLAGCX_TIMEOUT")),
-        cpu_adapter=_parse_choice("FLAGCX_CPU_ADAPTER", CPU_ADAPTERS, "auto"),
+        cpu_adapter=_parse_cpu_adapter(_env("FLAGCX_CPU_ADAPTER"), _env("FLAGCX_VENDOR_BACKEND")),
         host_id=_env("FLAGCX_HOST_ID"),
         cluster_id=_env("FLAGCX_CLUSTER_ID"),
         check=_parse_choice("FLAGCX_CHECK", ("0", "1"), "0") == "1",
@@ -139,6 +221,11 @@ def _load() -> Config:
         hetero_lanes=_parse_count("FLAGCX_HETERO_LANES", _env("FLAGCX_HETERO_LANES")),
         shm_buffer=_parse_bytes("FLAGCX_SHM_BUFFER", _env("FLAGCX_SHM_BUFFER")),
         shm_p2p_buffer=_parse_bytes("FLAGCX_SHM_P2P_BUFFER", _env("FLAGCX_SHM_P2P_BUFFER")),
+        vendor_backends=_parse_vendor_backends(_env("FLAGCX_VENDOR_BACKEND")),
+        device_adapters=_parse_device_adapters(_env("FLAGCX_DEVICE_ADAPTER")),
+        adapter_plugins=_parse_plugins(_env("FLAGCX_ADAPTER_PLUGIN")),
+        socket_ifname=_parse_ifname(_env("FLAGCX_SOCKET_IFNAME")),
+        nccl_watchdog=_parse_choice("FLAGCX_NCCL_WATCHDOG", ("0", "1"), "1") == "1",
     )
 
 

@@ -36,10 +36,15 @@ Plans (n = elements, k = clusters):
 - gather / scatter: intra gather / scatter to each cluster's first rank, which trades
   its cluster's blocks with the root over ``world``;
 - alltoall(v), send, recv: same-cluster blocks over ``intra``, the rest over ``world``.
+
+A transport failure inside any op aborts every sub-communicator at once (the plan is
+broken anyway): peers blocked on this rank in another sub-communicator then fail
+immediately ("rank ... aborted") instead of at their timeout.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -52,7 +57,7 @@ import torch
 from .adapters.base import ALL_OPS, DONE, Adapter, Capabilities, Handle
 from .bootstrap import store_allgather
 from .config import get as get_config
-from .errors import FlagcxTimeout, InvalidArgument, NotSupported
+from .errors import FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported
 from .tensors import as_bytes
 from .types import ReduceOp
 
@@ -817,7 +822,27 @@ class HeteroAdapter(Adapter):
             sub.abort()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
         for sub in self._subs():
             sub.destroy()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _fail_fast(fn: Callable) -> Callable:
+    """Wrap an op of HeteroAdapter: a transport failure aborts every sub-communicator before it propagates."""
+
+    @functools.wraps(fn)
+    def op(self: HeteroAdapter, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except (InvalidArgument, NotSupported):
+            raise
+        except FlagcxError:
+            self.abort()
+            raise
+
+    return op
+
+
+for _name in sorted(ALL_OPS):
+    setattr(HeteroAdapter, _name, _fail_fast(getattr(HeteroAdapter, _name)))

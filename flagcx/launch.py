@@ -6,6 +6,10 @@ TORCHELASTIC_USE_AGENT_STORE=True), so ``init_process_group(backend="flagcx")``
 works unchanged inside them. A failing rank stops the others and its traceback is
 raised in the parent.
 
+Everything stays on loopback: the store listens on 127.0.0.1 only (torch's TCPStore
+would bind every interface), and the ranks get ``GLOO_SOCKET_IFNAME`` set to the
+loopback interface unless GLOO_SOCKET_IFNAME or FLAGCX_SOCKET_IFNAME is set.
+
     python -m flagcx.launch --nproc 4 train.py --lr 0.1
 """
 
@@ -16,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import runpy
+import socket
 import sys
 import time
 import traceback
@@ -65,6 +70,32 @@ def _child(fn: Callable, rank: int, size: int, port: int, env: dict, args: tuple
         os._exit(code)
 
 
+def loopback_store(world_size: int, timeout: timedelta = timedelta(seconds=300)):
+    """A TCPStore server that listens on 127.0.0.1 only (its port is ``store.port``)."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        # The store takes the listening socket over (and closes it when it is destroyed).
+        return dist.TCPStore("127.0.0.1", port, world_size, is_master=True, wait_for_workers=False, timeout=timeout, master_listen_fd=sock.detach())
+    finally:
+        sock.close()
+
+
+def _loopback_env() -> dict:
+    """GLOO_SOCKET_IFNAME=<loopback interface> for the ranks, unless the user chose an interface."""
+    from . import config
+    from .bootstrap import interface_addresses
+
+    if os.environ.get("GLOO_SOCKET_IFNAME") or config.get().socket_ifname:
+        return {}
+    names = [name for name, addr in interface_addresses().items() if addr.startswith("127.")]
+    return {"GLOO_SOCKET_IFNAME": names[0]} if names else {}
+
+
 def _rank_env(env: EnvSpec, rank: int) -> dict:
     if env is None:
         return {}
@@ -87,16 +118,15 @@ def spawn(
     Raises LaunchError with the first failing rank's traceback; the other ranks are
     terminated. ``timeout`` (seconds) bounds the whole run.
     """
-    import torch.distributed as dist
-
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
-    store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300))
+    store = loopback_store(nproc)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = []
+    loopback = _loopback_env()
     for rank in range(nproc):
-        p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, _rank_env(env, rank), tuple(args), results), daemon=False)
+        p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, {**loopback, **_rank_env(env, rank)}, tuple(args), results), daemon=False)
         p.start()
         procs.append(p)
     deadline = None if timeout is None else time.monotonic() + timeout

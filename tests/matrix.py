@@ -260,7 +260,8 @@ def error_checks(g: Optional[Communicator], label: str, device: str = "cpu") -> 
     yield f"{label}/errors", lambda: _errors(g, device)
 
 
-def _expect(exc_type, fn, *words) -> None:
+def expect_error(exc_type, fn, *words) -> None:
+    """Assert ``fn()`` raises ``exc_type`` (a FlagcxError) whose text names flagcx and every one of ``words``."""
     try:
         fn()
     except exc_type as exc:
@@ -276,20 +277,20 @@ def _errors(g, device) -> None:
     if g is None:
         return
     x = torch.ones(4, device=device)
-    _expect(InvalidArgument, lambda: g.all_reduce(x, out=torch.empty(5, device=device)), "out", "elements")
-    _expect(InvalidArgument, lambda: g.all_reduce(x, out=torch.empty(4, dtype=torch.float64, device=device)), "dtype")
-    _expect(InvalidArgument, lambda: g.all_reduce(x, out=torch.empty(4, device="meta")), "device")
-    _expect(InvalidArgument, lambda: g.broadcast(x, g.size), "root")
-    _expect(InvalidArgument, lambda: g.broadcast(x, -1), "root")
-    _expect(InvalidArgument, lambda: g.all_gather(torch.empty(3, device=device), x), "out")
-    _expect(InvalidArgument, lambda: g.all_gather([x] * (g.size + 1), x), "out")
-    _expect(InvalidArgument, lambda: g.reduce_scatter(torch.empty(3, device=device), x), "tensor")
-    _expect(InvalidArgument, lambda: g.send(x, g.rank), "peer")
-    _expect(InvalidArgument, lambda: g.all_to_all(torch.empty(5, device=device), torch.ones(5, device=device), [5] + [0] * (g.size - 1), [1] * g.size), "in_splits")
-    _expect(NotSupported, lambda: g.all_reduce(torch.ones(3, dtype=torch.bool, device=device), "avg"), "AVG", "bool")
-    _expect(NotSupported, lambda: g.all_reduce(torch.ones(3, dtype=torch.int32, device=device), PremulSum(2.0)), "PREMUL_SUM")
-    _expect(InvalidArgument, lambda: g.all_reduce(x, "bogus"), "bogus")
-    _expect(InvalidArgument, lambda: g.all_reduce([x], "sum"), "tensor")
+    expect_error(InvalidArgument, lambda: g.all_reduce(x, out=torch.empty(5, device=device)), "out", "elements")
+    expect_error(InvalidArgument, lambda: g.all_reduce(x, out=torch.empty(4, dtype=torch.float64, device=device)), "dtype")
+    expect_error(InvalidArgument, lambda: g.all_reduce(x, out=torch.empty(4, device="meta")), "device")
+    expect_error(InvalidArgument, lambda: g.broadcast(x, g.size), "root")
+    expect_error(InvalidArgument, lambda: g.broadcast(x, -1), "root")
+    expect_error(InvalidArgument, lambda: g.all_gather(torch.empty(3, device=device), x), "out")
+    expect_error(InvalidArgument, lambda: g.all_gather([x] * (g.size + 1), x), "out")
+    expect_error(InvalidArgument, lambda: g.reduce_scatter(torch.empty(3, device=device), x), "tensor")
+    expect_error(InvalidArgument, lambda: g.send(x, g.rank), "peer")
+    expect_error(InvalidArgument, lambda: g.all_to_all(torch.empty(5, device=device), torch.ones(5, device=device), [5] + [0] * (g.size - 1), [1] * g.size), "in_splits")
+    expect_error(NotSupported, lambda: g.all_reduce(torch.ones(3, dtype=torch.bool, device=device), "avg"), "AVG", "bool")
+    expect_error(NotSupported, lambda: g.all_reduce(torch.ones(3, dtype=torch.int32, device=device), PremulSum(2.0)), "PREMUL_SUM")
+    expect_error(InvalidArgument, lambda: g.all_reduce(x, "bogus"), "bogus")
+    expect_error(InvalidArgument, lambda: g.all_reduce([x], "sum"), "tensor")
     # the communicator still works after all those rejections
     y = torch.ones(3, device=device)
     g.all_reduce(y)
@@ -312,4 +313,4 @@ def comm_matrix(rank: int, size: int) -> Iterable[Check]:
         yield from movement_checks(g, label)
         yield from error_checks(g, label)
     yield "destroy", lambda: (sub.destroy() if sub else None, comm.destroy())
-    yield "closed", lambda: _expect(flagcx.CommAborted, lambda: comm.all_reduce(torch.ones(1)), "destroyed")
+    yield "closed", lambda: expect_error(flagcx.CommAborted, lambda: comm.all_reduce(torch.ones(1)), "destroyed")

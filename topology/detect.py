@@ -52,11 +52,24 @@ def host_identity() -> str:
     return str(_file_overrides().get("host") or detected_host())
 
 
+_NO_COLLECTIVES = frozenset({"mps"})
+"""Accelerators without a collective library: their ranks count as CPU ranks."""
+
+_VENDORS = {"npu": "huawei", "mlu": "cambricon", "musa": "mthreads", "xpu": "intel", "hpu": "habana", "mtia": "meta"}
+"""Vendor of the device types vendors' torch extensions register (the default cluster label is ``vendor:type``)."""
+
+
 def home_device_type() -> str:
-    """The accelerator kind this process drives ("cuda", ...), or "cpu" when it has none."""
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    """The accelerator kind this process drives ("cuda", "npu", "xpu", ...), or "cpu" when it has none.
+
+    ``torch.accelerator.current_accelerator`` names it where torch has it (a vendor's
+    torch extension registers its device type there; ROCm reports "cuda"); else CUDA/HIP.
+    """
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "current_accelerator"):
+        device = accelerator.current_accelerator(check_available=True)
+        return "cpu" if device is None or device.type in _NO_COLLECTIVES else device.type
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_vendor(device_type: str) -> str:
@@ -64,7 +77,7 @@ def device_vendor(device_type: str) -> str:
         return "amd" if getattr(torch.version, "hip", None) else "nvidia"
     if device_type == "cpu":
         return "host"
-    return device_type
+    return _VENDORS.get(device_type, device_type)
 
 
 @dataclass(frozen=True)

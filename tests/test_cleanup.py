@@ -1,0 +1,173 @@
+"""Clean-up: destroy and abort leave no shm segment, socket (fd) or thread behind.
+
+One set of 4 ranks (tests.harness) checks, per CPU transport (Gloo, shm, a heterogeneous
+communicator of shm + Gloo clusters) and for the torch.distributed frontend, that
+repeated create -> use -> destroy and create -> use (with async ops and a posted recv
+left pending) -> abort cycles bring this process's file descriptors, OS threads
+(/proc/self/task) and Python threads (threading.enumerate) back to a baseline taken in
+the same process, that no segment of ours remains in /dev/shm, and that a destroyed or
+aborted communicator refuses further calls with CommAborted. The same checks after a
+peer is SIGKILLed run in tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from datetime import timedelta
+from typing import Iterable
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flagcx import CommAborted, Communicator, RemoteError, config
+from flagcx.adapters.shm import ShmAdapter
+
+from .harness import assert_passed, run_suite
+from .matrix import Check, subgroup_ranks
+
+SHM_OK = ShmAdapter.unavailable_reason(torch.device("cpu")) is None
+CYCLES = 8
+
+
+@pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
+def test_cleanup_after_destroy_and_abort():
+    assert_passed(run_suite("tests.test_cleanup:cleanup_suite", 4), min_checks=9)
+
+
+# ---------------------------------------------------------------------- suite run inside the ranks
+def _resources() -> dict:
+    return {
+        "fds": sorted(os.listdir("/proc/self/fd")),
+        "tasks": len(os.listdir("/proc/self/task")),
+        "threads": sorted(t.name for t in threading.enumerate()),
+    }
+
+
+def _baseline() -> dict:
+    gc.collect()
+    time.sleep(0.2)
+    return _resources()
+
+
+def _settled(baseline: dict, limit: float = 5.0) -> dict:
+    """Resources once back at ``baseline`` (collecting garbage; threads may take a moment to end), or after ``limit`` s."""
+    gc.collect()
+    deadline = time.monotonic() + limit
+    while True:
+        now = _resources()
+        if now == baseline or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+def _segments(comm: Communicator) -> list[str]:
+    subs = comm._hetero._subs() if comm._hetero is not None else []
+    return [n for c in (comm, *subs) if (n := getattr(c._adapters.get("cpu"), "segment_name", None))]
+
+
+def _use(comm: Communicator, pending_recv: bool) -> None:
+    """A few sync and async collectives and a send/recv pair; optionally a recv nobody answers, left pending."""
+    x = torch.full((1031,), float(comm.rank + 1))
+    comm.all_reduce(x)
+    assert torch.equal(x, torch.full((1031,), float(comm.size * (comm.size + 1) // 2)))
+    out = torch.empty(13 * comm.size)
+    works = [comm.all_gather(out, torch.full((13,), float(comm.rank)), async_op=True), comm.barrier(async_op=True)]
+    for w in works:
+        w.wait()
+    assert torch.equal(out, torch.arange(comm.size, dtype=torch.float32).repeat_interleave(13))
+    peer = (comm.rank + 1) % comm.size
+    left = (comm.rank - 1) % comm.size
+    buf = torch.empty(7)
+    with comm.group() as handles:
+        comm.send(torch.full((7,), float(comm.rank)), peer)
+        comm.recv(buf, left)
+    handles[0].wait()
+    assert torch.equal(buf, torch.full((7,), float(left)))
+    if pending_recv:  # never sent: abort must still release everything
+        comm.barrier()  # every exchange above is complete on every rank before anyone aborts
+        try:
+            comm.recv(torch.empty(5), left, async_op=True)
+        except RemoteError:  # the left peer aborted already (Gloo: its connection is closed)
+            pass
+
+
+def _cycles(base, rank: int, size: int, label: str, end: str) -> None:
+    """CYCLES communicators created, used and ended with ``end`` ("destroy" or "abort"); resources back to the baseline."""
+    warm = Communicator(dist.PrefixStore(f"{label}/{end}/warm/", base), rank, size, timeout=30, name=f"{label}-warm")
+    _use(warm, False)
+    warm.destroy()
+    del warm
+    baseline = _baseline()
+    names = []
+    ended = []  # kept alive: destroy / abort itself must release everything, not the garbage collector
+    for i in range(CYCLES):
+        comm = Communicator(dist.PrefixStore(f"{label}/{end}/{i}/", base), rank, size, timeout=30, name=f"{label}-{end}{i}")
+        names += _segments(comm)
+        _use(comm, pending_recv=end == "abort")
+        getattr(comm, end)()
+        for call in (lambda: comm.all_reduce(torch.ones(3)), comm.barrier, lambda: comm.split([0, 1])):
+            try:
+                call()
+            except CommAborted:
+                pass
+            else:
+                raise AssertionError(f"a call on a communicator after {end}() did not raise CommAborted")
+        getattr(comm, end)()  # idempotent
+        ended.append(comm)
+    now = _settled(baseline)
+    assert now == baseline, f"{label}: after {CYCLES} x {end}: {now} != baseline {baseline}"
+    left = [n for n in names if os.path.exists("/dev/shm" + n)]
+    assert not left, f"{label}: shm segments left in /dev/shm: {left}"
+    assert label == "gloo" or names, f"{label}: no shm segment recorded"
+
+
+def _configure(settings: dict[str, str]) -> None:
+    for key in ("FLAGCX_CPU_ADAPTER", "FLAGCX_CLUSTER_ID"):
+        os.environ.pop(key, None)
+    os.environ.update(settings)
+    config.reload()
+
+
+def _torch_frontend(base, rank: int, size: int) -> None:
+    """init_process_group / new_group / destroy_process_group cycles of the flagcx backend."""
+    baseline = None
+    for i in range(3):
+        dist.init_process_group("flagcx", rank=rank, world_size=size, store=dist.PrefixStore(f"torch{i}/", base), timeout=timedelta(seconds=30))
+        sub = dist.new_group(subgroup_ranks(size))
+        x = torch.ones(5)
+        dist.all_reduce(x)
+        assert torch.equal(x, torch.full((5,), float(size)))
+        if rank in subgroup_ranks(size):
+            dist.all_reduce(x, group=sub)
+        dist.barrier()
+        dist.destroy_process_group()
+        if baseline is None:
+            baseline = _baseline()
+    now = _settled(baseline)
+    assert now == baseline, f"torch frontend: {now} != {baseline}"
+
+
+def cleanup_suite(rank: int, size: int) -> Iterable[Check]:
+    """Suite: destroy / abort cycles per transport, then the torch frontend."""
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=60))
+    transports: dict[str, dict[str, str]] = {
+        "gloo": {"FLAGCX_CPU_ADAPTER": "gloo"},
+        "shm": {"FLAGCX_CPU_ADAPTER": "shm"},
+        "hetero": {"FLAGCX_CLUSTER_ID": "cl-A" if rank < 2 else "cl-B", "FLAGCX_CPU_ADAPTER": "shm" if rank < 2 else "gloo"},
+    }
+    for label, settings in transports.items():
+        for end in ("destroy", "abort"):
+            yield f"{label}/{end}", lambda label=label, settings=settings, end=end: (_configure(settings), _cycles(base, rank, size, label, end))
+    yield "reset configuration", lambda: _configure({})
+    yield "torch frontend", lambda: _torch_frontend(base, rank, size)
+    yield "default transport after cleanup", lambda: _still_works(base, rank, size)
+
+
+def _still_works(base, rank: int, size: int) -> None:
+    comm = Communicator(dist.PrefixStore("final/", base), rank, size, timeout=30, name="final")
+    _use(comm, False)
+    comm.destroy()
