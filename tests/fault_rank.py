@@ -56,7 +56,7 @@ def outcome(fn: Callable[[], object]) -> dict:
 def resources() -> dict:
     """File descriptors, OS threads and Python threads of this process."""
     return {
-        "fds": len(os.listdir("/proc/self/fd")),
+        "fds": sorted(os.listdir("/proc/self/fd")),
         "tasks": len(os.listdir("/proc/self/task")),
         "threads": sorted(t.name for t in threading.enumerate()),
     }

@@ -13,26 +13,17 @@ import json
 import os
 import signal
 import time
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-import flagcx
 from flagcx import Communicator
 from flagcx.bootstrap import store_from_env
 
+from .fault_rank import outcome
+
 STUCK_TIMEOUT = 3.0
 KILL_TIMEOUT = 10.0
-
-
-def _outcome(fn: Callable[[], object]) -> dict:
-    t0 = time.monotonic()
-    try:
-        fn()
-    except flagcx.FlagcxError as exc:
-        return {"error": type(exc).__name__, "text": str(exc), "elapsed": time.monotonic() - t0, "at": time.time()}
-    return {"error": None, "elapsed": time.monotonic() - t0, "at": time.time()}
 
 
 def _save(path: str, report: dict) -> None:
@@ -65,8 +56,8 @@ def main() -> None:
     if rank == 3:
         time.sleep(STUCK_TIMEOUT + 1.5)
     else:
-        report["stuck"] = _outcome(lambda: stuck.all_reduce(torch.ones(1000)))
-        report["stuck_after"] = _outcome(lambda: stuck.all_reduce(torch.ones(10)))
+        report["stuck"] = outcome(lambda: stuck.all_reduce(torch.ones(1000)))
+        report["stuck_after"] = outcome(lambda: stuck.all_reduce(torch.ones(10)))
     stuck.destroy()
 
     comm = Communicator.from_env(timeout=KILL_TIMEOUT, name="kill")
@@ -76,9 +67,9 @@ def main() -> None:
         for _ in range(3):
             comm.all_reduce(x)
         _die(out_dir, rank)
-    report["kill"] = _outcome(lambda: _loop(comm, x))
-    report["kill_after"] = _outcome(comm.barrier)
-    report["kill_destroy"] = _outcome(comm.destroy)
+    report["kill"] = outcome(lambda: _loop(comm, x))
+    report["kill_after"] = outcome(comm.barrier)
+    report["kill_destroy"] = outcome(comm.destroy)
     _save(path, report)
 
     store = dist.PrefixStore("phase3/", store_from_env(KILL_TIMEOUT))
@@ -87,8 +78,8 @@ def main() -> None:
     if rank == 2:
         _die(out_dir, rank)
     time.sleep(0.3)
-    report["before"] = _outcome(lambda: before.all_reduce(torch.ones(1000)))
-    report["before_destroy"] = _outcome(before.destroy)
+    report["before"] = outcome(lambda: before.all_reduce(torch.ones(1000)))
+    report["before_destroy"] = outcome(before.destroy)
     _save(path, report)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import time
 from datetime import timedelta
 from typing import Iterable
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from flagcx import CommAborted, Communicator, RemoteError, config
 from flagcx.adapters.shm import ShmAdapter
 
+from .fault_rank import resources, settled
 from .harness import assert_passed, run_suite
 from .matrix import Check, subgroup_ranks
 
@@ -39,29 +39,10 @@ def test_cleanup_after_destroy_and_abort():
 
 
 # ---------------------------------------------------------------------- suite run inside the ranks
-def _resources() -> dict:
-    return {
-        "fds": sorted(os.listdir("/proc/self/fd")),
-        "tasks": len(os.listdir("/proc/self/task")),
-        "threads": sorted(t.name for t in threading.enumerate()),
-    }
-
-
 def _baseline() -> dict:
     gc.collect()
     time.sleep(0.2)
-    return _resources()
-
-
-def _settled(baseline: dict, limit: float = 5.0) -> dict:
-    """Resources once back at ``baseline`` (collecting garbage; threads may take a moment to end), or after ``limit`` s."""
-    gc.collect()
-    deadline = time.monotonic() + limit
-    while True:
-        now = _resources()
-        if now == baseline or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
+    return resources()
 
 
 def _segments(comm: Communicator) -> list[str]:
@@ -118,7 +99,7 @@ def _cycles(base, rank: int, size: int, label: str, end: str) -> None:
                 raise AssertionError(f"a call on a communicator after {end}() did not raise CommAborted")
         getattr(comm, end)()  # idempotent
         ended.append(comm)
-    now = _settled(baseline)
+    now = settled(baseline)
     assert now == baseline, f"{label}: after {CYCLES} x {end}: {now} != baseline {baseline}"
     left = [n for n in names if os.path.exists("/dev/shm" + n)]
     assert not left, f"{label}: shm segments left in /dev/shm: {left}"
@@ -147,7 +128,7 @@ def _torch_frontend(base, rank: int, size: int) -> None:
         dist.destroy_process_group()
         if baseline is None:
             baseline = _baseline()
-    now = _settled(baseline)
+    now = settled(baseline)
     assert now == baseline, f"torch frontend: {now} != {baseline}"
 
 
