@@ -3,7 +3,9 @@
 The transport is C (``csrc/``, built as ``flagcx._shm`` by cffi at install). Rank 0
 creates one POSIX shm segment per communicator under a random name (mode 0600) and
 shares the name through the adapter's store; the segment is unlinked as soon as every
-rank has attached, so a crash leaves nothing in /dev/shm. Each collective is a single
+rank has attached, so a crash leaves nothing in /dev/shm (if rank 0 and every rank still
+to attach all die during init, the next communicator's rank 0 on the host removes the
+orphan: ``fxs_sweep``). Each collective is a single
 C call (the GIL is released) that returns when this rank's part is done; waits spin,
 yield and then sleep on a futex, watch the peers' pids, and fail with FlagcxTimeout or
 RemoteError naming the late or dead rank. send/recv are posted to a progress thread in
@@ -13,6 +15,7 @@ C and complete asynchronously. After a transport error the adapter only raises;
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import weakref
@@ -33,6 +36,8 @@ except ImportError as _exc:  # not compiled at install time (no C compiler / Pyt
     _IMPORT_ERROR: Optional[BaseException] = _exc
 else:
     _IMPORT_ERROR = None
+
+log = logging.getLogger("flagcx.shm")
 
 SEGMENT_PREFIX = "flagcx-"
 """Name prefix of the segments in /dev/shm (followed by 32 random hex digits)."""
@@ -167,6 +172,9 @@ class ShmAdapter(Adapter):
         name = None
         status = b"ok"
         if ctx.rank == 0:
+            swept = _lib.fxs_sweep(SEGMENT_PREFIX.encode())
+            if swept:
+                log.info("%s: removed %d segment(s) left in /dev/shm by jobs whose ranks all died during init", ctx.label, swept)
             name = f"/{SEGMENT_PREFIX}{os.urandom(16).hex()}"
             rc = _lib.fxs_create(name.encode(), 0, ctx.size, slot, ring, ctx.timeout, out, err, len(err))
             if rc:

@@ -30,6 +30,7 @@
 #define _GNU_SOURCE
 #include "flagcx_shm.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -1327,6 +1328,44 @@ int fxs_attach(const char *name, int rank, int size, double timeout, fxs_comm **
 }
 
 int fxs_unlink(const char *name) { return shm_unlink(name) == 0 ? 0 : errno; }
+
+/* A segment's name lives from its creation by rank 0 until the last rank attaches. If rank 0
+ * and every rank still to attach die in that window, nobody unlinks it. Such a segment is
+ * recognised by its rank-0 record: this user's file, a valid header, and a creator that was in
+ * this pid namespace and is gone (a communicator cannot work without rank 0, so a rank still to
+ * attach is doomed anyway; ranks that attached keep their mappings). */
+int fxs_sweep(const char *prefix) {
+    uint64_t ns = self_pidns();
+    DIR *dir = ns ? opendir("/dev/shm") : NULL;
+    if (!dir) return 0;
+    size_t plen = strlen(prefix);
+    size_t head = PAGE + sizeof(rank_rec);
+    int removed = 0;
+    struct dirent *e;
+    while ((e = readdir(dir)) != NULL) {
+        if (strncmp(e->d_name, prefix, plen) != 0) continue;
+        char name[NAME_MAX + 2];
+        snprintf(name, sizeof name, "/%s", e->d_name);
+        int fd = shm_open(name, O_RDONLY | O_CLOEXEC, 0);
+        if (fd < 0) continue;
+        struct stat st;
+        char *base = MAP_FAILED;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() && (size_t)st.st_size >= head)
+            base = mmap(NULL, head, PROT_READ, MAP_SHARED, fd, 0);
+        close(fd);
+        if (base == MAP_FAILED) continue;
+        const seg_hdr *h = (const seg_hdr *)base;
+        int orphan = 0;
+        if (h->magic == MAGIC && h->version == VERSION && h->off_ranks == PAGE) {
+            rank_rec *r0 = (rank_rec *)(base + PAGE);
+            orphan = atomic_load(&r0->state) != ST_NONE && r0->pid > 0 && r0->pidns == ns && pid_dead(r0->pid);
+        }
+        munmap(base, head);
+        if (orphan && shm_unlink(name) == 0) removed++;
+    }
+    closedir(dir);
+    return removed;
+}
 
 void fxs_close(fxs_comm *c, int abort) {
     if (!c) return;

@@ -54,6 +54,9 @@ int fxs_create(const char *name, int rank, int size, uint64_t slot_bytes, uint64
 int fxs_attach(const char *name, int rank, int size, double timeout, fxs_comm **out, char *err,
                size_t errlen);
 int fxs_unlink(const char *name);
+/* Unlink this user's segments named /<prefix>* whose creator (rank 0) died in this pid namespace
+ * before every rank attached; returns how many were removed. */
+int fxs_sweep(const char *prefix);
 /* Mark this rank closed (aborted when abort != 0), stop the progress thread, fail
  * pending p2p ops, unmap and free. Never waits for peers. */
 void fxs_close(fxs_comm *c, int abort);

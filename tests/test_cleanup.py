@@ -6,14 +6,18 @@ repeated create -> use -> destroy and create -> use (with async ops and a posted
 left pending) -> abort cycles bring this process's file descriptors, OS threads
 (/proc/self/task) and Python threads (threading.enumerate) back to a baseline taken in
 the same process, that no segment of ours remains in /dev/shm, and that a destroyed or
-aborted communicator refuses further calls with CommAborted. The same checks after a
-peer is SIGKILLed run in tests/test_faults.py.
+aborted communicator refuses further calls with CommAborted. A segment orphaned by a job
+whose ranks all died during init (creator SIGKILLed before the others attached) is removed
+by the next shm communicator on the host, and a segment whose creator lives is not. The
+same checks after a peer is SIGKILLed run in tests/test_faults.py.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from typing import Iterable
@@ -23,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from flagcx import CommAborted, Communicator, RemoteError, config
-from flagcx.adapters.shm import ShmAdapter
+from flagcx.adapters.shm import SEGMENT_PREFIX, ShmAdapter
 
 from .fault_rank import resources, settled
 from .harness import assert_passed, run_suite
@@ -33,9 +37,54 @@ SHM_OK = ShmAdapter.unavailable_reason(torch.device("cpu")) is None
 CYCLES = 8
 
 
+_CREATOR = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("_shm", sys.argv[1])
+shm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shm)
+out, err = shm.ffi.new("fxs_comm **"), shm.ffi.new("char[]", 512)
+print(shm.lib.fxs_create(sys.argv[2].encode(), 0, 2, 1 << 16, 4096, 60.0, out, err, 512), flush=True)
+time.sleep(300)
+"""
+
+
+def _orphan(tag: str) -> str:
+    """A segment whose creator (rank 0 of 2) is SIGKILLed before rank 1 attached: the name stays in /dev/shm."""
+    from flagcx import _shm
+
+    name = f"/{SEGMENT_PREFIX}test-{tag}-{os.urandom(4).hex()}"
+    proc = subprocess.Popen([sys.executable, "-c", _CREATOR, _shm.__file__, name], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "0", "fxs_create failed"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert os.path.exists("/dev/shm" + name)
+    return name
+
+
+@pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
+def test_sweep_removes_only_segments_whose_creator_died():
+    from flagcx._shm import ffi, lib
+
+    dead = _orphan("dead")
+    live = f"/{SEGMENT_PREFIX}test-live-{os.urandom(4).hex()}"
+    out, err = ffi.new("fxs_comm **"), ffi.new("char[]", 512)
+    assert lib.fxs_create(live.encode(), 0, 2, 1 << 16, 4096, 60.0, out, err, 512) == 0
+    try:
+        assert lib.fxs_sweep(SEGMENT_PREFIX.encode()) >= 1
+        assert not os.path.exists("/dev/shm" + dead)
+        assert os.path.exists("/dev/shm" + live)  # its creator (this process) is alive: a rank may still attach
+    finally:
+        lib.fxs_close(out[0], 1)
+        lib.fxs_unlink(live.encode())
+
+
 @pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
 def test_cleanup_after_destroy_and_abort():
+    orphan = _orphan("init")  # every rank of a job died during init: the next shm communicator removes it
     assert_passed(run_suite("tests.test_cleanup:cleanup_suite", 4), min_checks=9)
+    assert not os.path.exists("/dev/shm" + orphan)
 
 
 # ---------------------------------------------------------------------- suite run inside the ranks
