@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import os
 import traceback
-from typing import Callable, Iterable, Mapping, Optional, Union
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
+from flagcx import config
 from flagcx.launch import spawn
 
 Suite = Callable[[int, int], Iterable[tuple[str, Callable[[], None]]]]
@@ -65,3 +67,20 @@ def assert_passed(outcomes: list[dict[str, Optional[str]]], min_checks: int = 1)
         if set(o) != set(names):
             failed.append(f"--- rank {r} ran different checks: {sorted(set(o) ^ set(names))}")
     assert not failed, f"{len(failed)} of {len(names)} checks failed:\n" + "\n".join(failed)
+
+
+@contextmanager
+def flagcx_env(**values: str) -> Iterator[None]:
+    """Set FLAGCX_* variables for the communicators created inside (config re-read), then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    config.reload()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        config.reload()

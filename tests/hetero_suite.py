@@ -18,6 +18,7 @@ from flagcx import Communicator, NotSupported
 from flagcx.adapters import adapter_class
 from flagcx.hetero import HeteroAdapter
 
+from .harness import flagcx_env
 from .matrix import Check, error_checks, movement_checks, reduction_checks, subgroup_ranks
 from .reference import assert_equal, make, reduce_ref
 
@@ -251,26 +252,16 @@ def _torch_new_group(rank: int, size: int) -> None:
 
 def init_errors(rank: int, size: int) -> Iterable[Check]:
     """Suite: configurations every rank must reject alike at init (no rank left waiting)."""
-    import flagcx
     from flagcx import InvalidArgument
 
     def expect(env: dict, name: str, *words: str) -> None:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        flagcx.config.reload()
         try:
-            Communicator.from_env(name=name)
+            with flagcx_env(**env):
+                Communicator.from_env(name=name)
         except InvalidArgument as exc:
             for w in words:
                 assert w in str(exc), f"{exc} lacks {w!r}"
             return
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            flagcx.config.reload()
         raise AssertionError("init did not raise InvalidArgument")
 
     label = "cl-A" if rank < size // 2 else "cl-B"

@@ -25,6 +25,7 @@ import flagcx
 from flagcx import Communicator, FlagcxError, InvalidArgument
 from flagcx.hetero import HeteroAdapter
 
+from .harness import flagcx_env
 from .hetero_suite import _torch_ring, plan_checks, shm_usable
 from .matrix import Check, error_checks, movement_checks, reduction_checks, subgroup_ranks
 from .reference import assert_equal, make, reduce_ref
@@ -96,26 +97,16 @@ def _check_bound(addrs: set[str], what: str) -> None:
     assert addrs == {want}, f"{what}: Gloo listens on {sorted(addrs) or 'nothing new'}, expected this host's {want}"
 
 
-def _with_env(env: dict[str, str], fn: Callable[[], T]) -> T:
-    """Run ``fn`` with extra FLAGCX_* variables in force (config reloaded), then restore them."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    flagcx.config.reload()
-    try:
-        return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        flagcx.config.reload()
+def _open_with(name: str, **env: str) -> Communicator:
+    """A communicator created with extra FLAGCX_* variables in force."""
+    with flagcx_env(**env):
+        return Communicator.from_env(name=name)
 
 
 def _expect_bad_ifname(name: str) -> None:
     """Every rank names a missing interface: every rank raises InvalidArgument at creation (nobody waits)."""
     try:
-        _with_env({"FLAGCX_SOCKET_IFNAME": name}, lambda: Communicator.from_env(name=f"bad-ifname-{name}"))
+        _open_with(f"bad-ifname-{name}", FLAGCX_SOCKET_IFNAME=name)
     except InvalidArgument as exc:
         text = str(exc)
         for word in ("FLAGCX_SOCKET_IFNAME", name, os.environ["MULTIHOST_IFNAME"], socket.gethostname(), "rank"):
@@ -126,7 +117,7 @@ def _expect_bad_ifname(name: str) -> None:
 
 def _ifname_works(rank: int, size: int, spec: str) -> None:
     """Naming the interface (exactly, or by prefix) binds Gloo to it; collectives run across hosts."""
-    comm, addrs = new_listeners(lambda: _with_env({"FLAGCX_SOCKET_IFNAME": spec}, lambda: Communicator.from_env(name=f"ifname-{spec}")))
+    comm, addrs = new_listeners(lambda: _open_with(f"ifname-{spec}", FLAGCX_SOCKET_IFNAME=spec))
     try:
         assert comm.adapter_name("cpu") == "gloo"
         _check_bound(addrs, f"FLAGCX_SOCKET_IFNAME={spec}")
@@ -237,7 +228,7 @@ def mpi_world(rank: int, size: int) -> Iterable[Check]:
     yield "adapters_automatic", adapters
     yield from matrix_subset(comm, "world")
     yield from reduction_checks(local, "host", dtypes=[torch.float64], ops=["sum", "max"])
-    mpi = _with_env({"FLAGCX_CPU_ADAPTER": "mpi"}, lambda: Communicator.from_env(name="mh-mpi-adapter"))
+    mpi = _open_with("mh-mpi-adapter", FLAGCX_CPU_ADAPTER="mpi")
 
     def mpi_adapter() -> None:
         assert mpi.adapter_name("cpu") == "mpi", mpi.adapter_name("cpu")

@@ -11,36 +11,19 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 import flagcx
-from flagcx import Communicator, InvalidArgument, config
+from flagcx import Communicator, InvalidArgument
 from flagcx.tensors import as_bytes
 
+from .harness import flagcx_env
 from .matrix import Check, comm_matrix
 from .reference import FLOATS, INTS, assert_equal, make, reduce_ref
 
 SEGMENT_RE = re.compile(r"^/flagcx-[0-9a-f]{32}$")
-
-
-@contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set FLAGCX_* variables for the communicators created inside (config is re-read)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    config.reload()
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        config.reload()
 
 
 def _shm(comm: Communicator):
@@ -60,7 +43,7 @@ def shm_checks(rank: int, size: int) -> Iterable[Check]:
     yield "shm/large", lambda: _large(comm)
     for dtype in FLOATS + INTS:
         yield f"shm/dtypes/{dtype}", lambda d=dtype: _dtype(comm, d)
-    with _env(FLAGCX_SHM_BUFFER="64K", FLAGCX_SHM_P2P_BUFFER="8K"):
+    with flagcx_env(FLAGCX_SHM_BUFFER="64K", FLAGCX_SHM_P2P_BUFFER="8K"):
         small = Communicator.from_env(name="shm-small")
     yield "shm/boundaries/reductions", lambda: _boundary_reductions(small)
     yield "shm/boundaries/movement", lambda: _boundary_movement(small)
@@ -84,9 +67,9 @@ def _segment(comm: Communicator) -> None:
 
 
 def _auto(rank: int) -> None:
-    with _env(FLAGCX_CPU_ADAPTER="auto"):
+    with flagcx_env(FLAGCX_CPU_ADAPTER="auto"):
         same = Communicator.from_env(name="auto-same")
-        with _env(FLAGCX_HOST_ID=f"host-{rank}"):
+        with flagcx_env(FLAGCX_HOST_ID=f"host-{rank}"):
             split = Communicator.from_env(name="auto-hosts")
     try:
         assert same.adapter_name("cpu") == "shm", same.adapter_name("cpu")
