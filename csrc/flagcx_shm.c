@@ -52,7 +52,7 @@
 #include "flagcx_reduce.h"
 
 #define MAGIC 0x6873786367616c66ULL /* "flagcxsh" */
-#define VERSION 1u
+#define VERSION 2u
 #define LINE 64
 #define PAGE 4096
 
@@ -63,7 +63,7 @@
 #define CHECK_NS 5000000LL     /* peer liveness check period */
 #define IDLE_SLEEP_NS 100000000LL
 
-enum { ST_NONE = 0, ST_ATTACHED = 1, ST_CLOSED = 2, ST_ABORTED = 3 };
+enum { ST_NONE = 0, ST_ATTACHED = 1, ST_CLOSED = 2, ST_ABORTED = 3, ST_MISMATCH = 4 };
 enum { OP_PENDING = 0, OP_DONE = 1, OP_FAILED = 2 };
 enum {
     OPC_ALLREDUCE = 1, OPC_REDUCE, OPC_REDUCESCATTER, OPC_ALLGATHER, OPC_BROADCAST, OPC_GATHER,
@@ -94,6 +94,8 @@ typedef struct {
     uint32_t version, nranks;
     uint64_t slot_bytes, chan_bytes, off_ranks, off_slots, off_ctrl, off_data, total;
     _Atomic uint32_t attached;
+    int32_t creator_pid; /* written first, before the memory is reserved, for fxs_sweep */
+    uint64_t creator_pidns;
 } seg_hdr;
 
 typedef struct {
@@ -260,6 +262,12 @@ static int peer_problem(fxs_comm *c, int p, char *msg, size_t len) {
                  st == ST_CLOSED ? "closed" : "aborted");
         return FXS_EPEER;
     }
+    if (st == ST_MISMATCH) {
+        snprintf(msg, len, "rank %d (pid %d) found that the ranks' collective calls do not match (its error "
+                 "names both calls; a rank that finished its part earlier, e.g. a broadcast root, only "
+                 "learns it here)", p, (int)r->pid);
+        return FXS_EPEER;
+    }
     if (st == ST_NONE) return 0; /* not attached yet: only the timeout applies */
     signed char ok = __atomic_load_n(&c->pid_ok[p], __ATOMIC_RELAXED); /* both threads check */
     if (ok < 0) {
@@ -355,7 +363,7 @@ static int timeout_error(fxs_comm *c, uint64_t target, int only, int64_t waited)
                                      (unsigned long long)(target - c->known[p]));
     }
     if (c->err_nranks > 8) c->err_nranks = 8;
-    set_err(c, "timed out after %.3g s waiting for %s: alive but not in this collective "
+    set_err(c, "Timed out after %.3g s waiting for %s: alive but not in this collective "
             "(blocked elsewhere, hung, or calling a different op)",
             (double)waited / 1e9, list);
     return fail(c, FXS_ETIMEOUT);
@@ -448,6 +456,11 @@ static int check_desc(fxs_comm *c, uint64_t step, int only) {
                     "collective calls in the same order with matching sizes", p, a, b);
             c->err_ranks[0] = p;
             c->err_nranks = 1;
+            /* Publish it: ranks that already returned from their part (a broadcast root, a
+             * reduce's senders) fail their next call at once instead of running out of step. */
+            atomic_store(&c->rec[c->me].state, ST_MISMATCH);
+            for (int q = 0; q < c->n; q++)
+                if (q != c->me) wake_rank(c, q);
             return fail(c, FXS_EINVAL);
         }
     }
@@ -1255,7 +1268,18 @@ int fxs_create(const char *name, int rank, int size, uint64_t slot_bytes, uint64
     const char *what = NULL;
     if (fchmod(fd, 0600) != 0) e = errno, what = "fchmod";
     else if (ftruncate(fd, (off_t)total) != 0) e = errno, what = "ftruncate";
-    else if ((e = posix_fallocate(fd, 0, (off_t)total)) != 0) what = "reserving memory for";
+    else {
+        /* The creator's identity goes in first: a creator killed while the memory is reserved
+         * (seconds for a large segment) still leaves a segment that fxs_sweep recognises. */
+        seg_hdr pre;
+        memset(&pre, 0, sizeof pre);
+        pre.magic = MAGIC;
+        pre.version = VERSION;
+        pre.creator_pid = (int32_t)getpid();
+        pre.creator_pidns = self_pidns();
+        if (pwrite(fd, &pre, sizeof pre, 0) != (ssize_t)sizeof pre) e = errno ? errno : EIO, what = "writing the header of";
+        else if ((e = posix_fallocate(fd, 0, (off_t)total)) != 0) what = "reserving memory for";
+    }
     if (what) {
         put_err(err, errlen, "%s the %.1f MiB segment %s failed: %s; /dev/shm may be too small (e.g. docker's "
                 "64 MiB default: use --shm-size), or lower FLAGCX_SHM_BUFFER / FLAGCX_SHM_P2P_BUFFER, or set "
@@ -1331,7 +1355,7 @@ int fxs_unlink(const char *name) { return shm_unlink(name) == 0 ? 0 : errno; }
 
 /* A segment's name lives from its creation by rank 0 until the last rank attaches. If rank 0
  * and every rank still to attach die in that window, nobody unlinks it. Such a segment is
- * recognised by its rank-0 record: this user's file, a valid header, and a creator that was in
+ * recognised by its header: this user's file, our magic, and a creator (rank 0) that was in
  * this pid namespace and is gone (a communicator cannot work without rank 0, so a rank still to
  * attach is doomed anyway; ranks that attached keep their mappings). */
 int fxs_sweep(const char *prefix) {
@@ -1339,7 +1363,7 @@ int fxs_sweep(const char *prefix) {
     DIR *dir = ns ? opendir("/dev/shm") : NULL;
     if (!dir) return 0;
     size_t plen = strlen(prefix);
-    size_t head = PAGE + sizeof(rank_rec);
+    size_t head = sizeof(seg_hdr);
     int removed = 0;
     struct dirent *e;
     while ((e = readdir(dir)) != NULL) {
@@ -1356,10 +1380,8 @@ int fxs_sweep(const char *prefix) {
         if (base == MAP_FAILED) continue;
         const seg_hdr *h = (const seg_hdr *)base;
         int orphan = 0;
-        if (h->magic == MAGIC && h->version == VERSION && h->off_ranks == PAGE) {
-            rank_rec *r0 = (rank_rec *)(base + PAGE);
-            orphan = atomic_load(&r0->state) != ST_NONE && r0->pid > 0 && r0->pidns == ns && pid_dead(r0->pid);
-        }
+        if (h->magic == MAGIC && h->version == VERSION)
+            orphan = h->creator_pid > 0 && h->creator_pidns == ns && pid_dead(h->creator_pid);
         munmap(base, head);
         if (orphan && shm_unlink(name) == 0) removed++;
     }
@@ -1374,7 +1396,9 @@ void fxs_close(fxs_comm *c, int abort) {
         c->thread_on = 0;
     }
     if (c->me >= 0 && c->rec) {
-        atomic_store(&c->rec[c->me].state, abort ? ST_ABORTED : ST_CLOSED);
+        /* A published mismatch stays: it tells peers more than "closed" would. */
+        if (atomic_load(&c->rec[c->me].state) != ST_MISMATCH)
+            atomic_store(&c->rec[c->me].state, abort ? ST_ABORTED : ST_CLOSED);
         for (int p = 0; p < c->n; p++) {
             if (p == c->me) continue;
             atomic_fetch_add(&c->rec[p].wake, 1);

@@ -7,11 +7,12 @@ engine-facing :class:`Communicator` works without torch.distributed's global sta
 from __future__ import annotations
 
 from . import config
-from .backend import ProcessGroupFlagcx, register
+from .backend import ProcessGroupFlagcx, monitored_barrier, register
 from .communicator import DEFAULT_TIMEOUT, Communicator
 from .errors import (
     BuildError,
     CommAborted,
+    ConfigError,
     FlagcxError,
     FlagcxTimeout,
     InvalidArgument,
@@ -23,11 +24,17 @@ from .work import Work
 
 __version__ = "0.1.0"
 
+_C = None
+"""No compiled torch extension: the backend is pure Python. The C++ FlagCX plugin exposes
+``flagcx._C.ProcessGroupFlagCX.Options``; its users' code tests ``flagcx._C`` for that and
+takes the path without options here."""
+
 register()
 
 __all__ = [
     "BuildError",
     "CommAborted",
+    "ConfigError",
     "Communicator",
     "DEFAULT_TIMEOUT",
     "FlagcxError",
@@ -41,4 +48,5 @@ __all__ = [
     "Work",
     "__version__",
     "config",
+    "monitored_barrier",
 ]

@@ -10,8 +10,10 @@ ProcessGroup every tensor whatever the backend string says.
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Optional, Sequence
 
@@ -239,7 +241,17 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         return self._grouped("allgather", calls, [t for o in outs for t in o], a)
 
     def allgather_coalesced(self, output_lists, input_list, opts=None) -> FlagcxWork:
-        return self.allgather(output_lists, input_list, opts)
+        """``output_lists[r][i]`` receives rank r's ``input_list[i]`` (one list per rank, unlike allgather's one per input)."""
+        ins = _tensors(input_list)
+        for r, outs in enumerate(output_lists):
+            if len(outs) != len(ins):
+                raise FlagcxError(
+                    f"argument 'output_tensor_lists[{r}]': has {len(outs)} tensors but there are {len(ins)} inputs; give every rank's list one tensor per input",
+                    op="all_gather_coalesced",
+                    rank=self.comm.rank,
+                )
+        per_input = [[outs[i] for outs in output_lists] for i in range(len(ins))]
+        return self.allgather(per_input, ins, opts)
 
     def all_gather_single(self, output, input, opts=None) -> FlagcxWork:
         return self._work([self.comm.all_gather(output, input, async_op=_async(opts))], [output], "allgather")
@@ -314,6 +326,10 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
     def barrier(self, opts=None) -> FlagcxWork:
         return self._work([self.comm.barrier(async_op=_async(opts))], [], "barrier")
 
+    def monitored_barrier(self, timeout: Optional[timedelta] = None, wait_all_ranks: bool = False) -> None:
+        """Gloo's ``monitored_barrier`` on this group (see Communicator.monitored_barrier)."""
+        self.comm.monitored_barrier(timeout, wait_all_ranks)
+
     # ---------------------------------------------------------------- point to point
     def send(self, tensors, dst: int, tag: int = 0) -> FlagcxWork:
         tensors = _tensors(tensors)
@@ -363,7 +379,38 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         self.comm.abort()
 
     def shutdown(self) -> None:
-        self.comm.destroy()
+        try:
+            self.comm.destroy()
+        finally:
+            if dist.is_initialized() and self is dist.distributed_c10d._world.default_pg:
+                _drain_torch_groups()
+
+
+DRAIN_SECONDS = 0.05
+"""How long destroying a flagcx world lets torch's own groups' worker threads settle (see _drain_torch_groups)."""
+
+
+def _drain_torch_groups() -> None:
+    """Let the worker threads of torch's own groups under a flagcx world release their finished works.
+
+    A Gloo subgroup's worker thread drops its last reference to a finished work a moment
+    after the caller's wait returned. If that happens once interpreter finalisation has
+    begun, freeing a tensor that owns a Python object aborts the process ("terminate
+    called without an active exception"). torch's own destroy gives the threads that
+    moment while it joins its default group's threads; flagcx's destroy is much quicker,
+    so it waits for their pending works and gives them the moment here.
+    """
+    world = dist.distributed_c10d._world
+    foreign = [pg for pg in list(world.pg_map) if not isinstance(pg, ProcessGroupFlagcx)]
+    if not foreign:
+        return
+    for pg in foreign:
+        try:
+            pg._wait_for_pending_works()
+        except Exception:  # a group torch already shut down, or one without that hook
+            pass
+    gc.collect()
+    time.sleep(DRAIN_SECONDS)
 
 
 def _split_parent(global_ranks: list[int]) -> Optional[tuple[Communicator, str]]:
@@ -404,6 +451,26 @@ def _create_process_group(opts: Any, backend_options: Any = None) -> ProcessGrou
         _device_adapters=devices,
     )
     return ProcessGroupFlagcx(comm)
+
+
+_torch_monitored_barrier = dist.monitored_barrier
+
+
+def monitored_barrier(group: Optional[dist.ProcessGroup] = None, timeout: Optional[timedelta] = None, wait_all_ranks: bool = False) -> None:
+    """``dist.monitored_barrier`` for flagcx groups (torch's own refuses every backend but gloo).
+
+    Same arguments and semantics: rank 0 of the group raises naming the rank(s) that did
+    not arrive within ``timeout`` (default: the group's timeout); the others raise naming
+    rank 0; ranks outside ``group`` return at once. Groups of other backends are passed
+    to ``dist.monitored_barrier``.
+    """
+    pg = dist.distributed_c10d._get_default_group() if group is None else group
+    if pg is dist.GroupMember.NON_GROUP_MEMBER:
+        return
+    if not isinstance(pg, ProcessGroupFlagcx):
+        _torch_monitored_barrier(group, timeout, wait_all_ranks)
+        return
+    pg.monitored_barrier(timeout, wait_all_ranks)
 
 
 def register() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from . import config
 from .adapters import DONE, Adapter, AdapterContext, Handle, adapter_class
 from .bootstrap import store_allgather
-from .errors import CommAborted, FlagcxError, InvalidArgument, NotSupported, invalid
+from .errors import CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported, invalid
 from .streams import SideStream, current_device_index, is_capturing
 from .tensors import as_bytes, flat, nbytes, overlaps
 from .topology.clusters import form_clusters
@@ -153,6 +154,7 @@ class Communicator:
         self.global_ranks = list(global_ranks) if global_ranks else list(range(size))
         self._store = store
         self._seq = 0
+        self._monitored_seq = 0
         self._closed: Optional[str] = None
         self._adapters: dict[str, Adapter] = {}
         self._group_depth = 0
@@ -351,6 +353,17 @@ class Communicator:
             raise NotSupported(f"argument '{arg}': {t.layout} tensors are not supported; pass a dense tensor", op=op, rank=self.rank)
         return t
 
+    def _check_writable(self, op: str, arg: str, t: torch.Tensor) -> None:
+        """An output whose elements share memory (an ``expand``-ed view) cannot hold one result per element."""
+        if isinstance(t, torch.Tensor) and t.layout is torch.strided and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            raise invalid(
+                op,
+                self.rank,
+                arg,
+                f"is a view whose elements share memory (shape {tuple(t.shape)}, strides {t.stride()}; e.g. from expand())",
+                "pass a tensor with its own storage, e.g. t.clone() or torch.empty(shape)",
+            )
+
     def _check_like(self, op: str, arg: str, t: torch.Tensor, ref: torch.Tensor, numel: Optional[int] = None) -> None:
         if t.device != ref.device:
             raise invalid(op, self.rank, arg, f"is on {t.device} but the input is on {ref.device}", "put every tensor of one call on the same device")
@@ -456,6 +469,31 @@ class Communicator:
                 rank=self.rank,
             )
 
+    def _verify_counts(self, op: str, send_counts: Sequence[int], recv_counts: Sequence[int]) -> None:
+        """FLAGCX_CHECK for all_to_all: what rank i sends to rank j must be what rank j expects from rank i.
+
+        Every rank all-gathers every rank's byte counts and checks the whole matrix, so
+        a mismatch raises InvalidArgument on every rank, naming each bad pair.
+        """
+        mine = torch.tensor(list(send_counts) + list(recv_counts), dtype=torch.int64)
+        every = torch.empty(2 * self.size * self.size, dtype=torch.int64)
+        adapter = self._hetero if self._hetero is not None else self._adapters["cpu"]
+        adapter.allgather(as_bytes(mine), as_bytes(every)).wait()
+        counts = every.view(self.size, 2, self.size).tolist()
+        bad = [
+            f"rank {i} sends {counts[i][0][j]} bytes to rank {j}, which expects {counts[j][1][i]}"
+            for i in range(self.size)
+            for j in range(self.size)
+            if counts[i][0][j] != counts[j][1][i]
+        ]
+        if bad:
+            raise InvalidArgument(
+                f"all_to_all split sizes do not match between ranks ({'; '.join(bad[:8])}{'; ...' if len(bad) > 8 else ''}); "
+                "rank j's output split i must equal rank i's input split j",
+                op=op,
+                rank=self.rank,
+            )
+
     def _remember_fast(self, t: torch.Tensor, op: ReduceOpLike, adapter: Adapter, native: ReduceOp) -> None:
         """Cache (device, dtype, op) -> (adapter, native op) for the synchronous fast paths.
 
@@ -549,7 +587,7 @@ class Communicator:
                 fast = self._fast_reduce.get((tensor.device, tensor.dtype, op))
             except (AttributeError, TypeError):
                 fast = None
-            if fast is not None and self._closed is None and tensor.is_contiguous():
+            if fast is not None and self._closed is None and tensor.layout is torch.strided and tensor.is_contiguous():
                 if out is None:
                     out = tensor
                 elif not (out.is_contiguous() and out.dtype == tensor.dtype and out.device == tensor.device and out.numel() == tensor.numel()):
@@ -578,6 +616,8 @@ class Communicator:
         name = "all_reduce"
         if self._check:
             self._verify(name, _desc(tensor), _op_label(op))
+        if isinstance(tensor, torch.Tensor) and tensor.layout is torch.sparse_coo and out is None:
+            return self._all_reduce_sparse(tensor, op, async_op)
         self._check_tensor(name, "tensor", tensor)
         kind, factor = to_reduce_op(op, name, self.rank)
         if out is None:
@@ -585,6 +625,7 @@ class Communicator:
         else:
             self._check_tensor(name, "out", out)
             self._check_like(name, "out", out, tensor, tensor.numel())
+        self._check_writable(name, "tensor" if out is tensor else "out", out)
         adapter = self._enter(name, tensor.device)
         if tensor.numel() == 0:
             return self._done(name, [out], async_op)
@@ -595,10 +636,55 @@ class Communicator:
         else:
             send = self._contig_in(tensor)
             recv = self._contig_out(out, steps)
+            if send.data_ptr() != recv.data_ptr() and overlaps(send, recv):
+                send = send.clone()
         s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor)
         if not (pre or steps) and native is kind and s.dtype == tensor.dtype:
             self._remember_fast(tensor, op, adapter, native)
         return self._finish(name, lambda: adapter.allreduce(s, r, native), pre + steps, [out], async_op)
+
+    _SPARSE_META = 20
+    """int64 words describing one rank's sparse tensor: nnz, sparse_dim, dtype, ndim and up to 16 sizes."""
+
+    def _all_reduce_sparse(self, tensor: torch.Tensor, op: ReduceOpLike, async_op: bool) -> Optional[Work]:
+        """SUM of sparse COO tensors (what Gloo offers and DDP's sparse gradients need), in place.
+
+        Lowered onto dense collectives: every rank's coalesced indices and values are
+        all-gathered (uneven nnz), concatenated and coalesced. The ranks first exchange
+        their tensors' shape, dtype and nnz, so a mismatch raises on every rank.
+        """
+        name = "all_reduce"
+        if self._group_depth:
+            raise NotSupported("sparse tensors cannot be reduced inside a group (coalescing manager); reduce them outside it", op=name, rank=self.rank)
+        kind, _ = to_reduce_op(op, name, self.rank)
+        if kind is not ReduceOp.SUM:
+            raise NotSupported(f"sparse COO tensors are reduced with SUM only, not {kind.name}; densify the tensor for other ops", op=name, rank=self.rank)
+        if tensor.dim() > self._SPARSE_META - 4:
+            raise NotSupported(f"sparse tensors of more than {self._SPARSE_META - 4} dims are not supported", op=name, rank=self.rank)
+        local = tensor.coalesce()
+        dtypes = sorted(FLOAT_DTYPES | {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool}, key=str)
+        code = dtypes.index(tensor.dtype) if tensor.dtype in dtypes else -1
+        meta = torch.zeros(self._SPARSE_META, dtype=torch.int64, device=tensor.device)
+        meta[:4] = torch.tensor([local._nnz(), local.sparse_dim(), code, local.dim()])
+        meta[4 : 4 + local.dim()] = torch.tensor(local.shape, dtype=torch.int64)
+        every = torch.empty(self._SPARSE_META * self.size, dtype=torch.int64, device=tensor.device)
+        self.all_gather(every, meta)
+        rows = every.view(self.size, self._SPARSE_META).cpu()
+        if code < 0 or any(not torch.equal(rows[r, 1:], rows[0, 1:]) for r in range(self.size)):
+            detail = "; ".join(
+                f"rank {r}: sparse_dim {int(row[1])}, dtype #{int(row[2])}, shape {tuple(int(x) for x in row[4 : 4 + int(row[3])])}" for r, row in enumerate(rows)
+            )
+            raise invalid(name, self.rank, "tensor", f"sparse tensors differ between ranks or have an unsupported dtype ({detail})", "pass sparse tensors of one shape and dtype on every rank")
+        counts = [int(n) for n in rows[:, 0]]
+        indices = local._indices().t().contiguous()
+        values = local._values().contiguous()
+        all_indices = [indices.new_empty((n, indices.shape[1])) for n in counts]
+        all_values = [values.new_empty((n, *values.shape[1:])) for n in counts]
+        self.all_gather(all_indices, indices)
+        self.all_gather(all_values, values)
+        total = torch.sparse_coo_tensor(torch.cat(all_indices).t(), torch.cat(all_values), local.shape, dtype=tensor.dtype, device=tensor.device)
+        tensor.copy_(total.coalesce())
+        return self._done(name, [tensor], async_op)
 
     def all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         """Gather every rank's ``tensor`` into ``out`` (a tensor of size * numel elements, or a list of size tensors)."""
@@ -627,7 +713,7 @@ class Communicator:
         self._check_tensor(name, "tensor", tensor)
         adapter = self._enter(name, tensor.device)
         if not isinstance(out, torch.Tensor):
-            outs = self._check_list(name, "out", out, tensor)
+            outs = self._check_list(name, "out", out, tensor, writable=True)
             if any(o.numel() != tensor.numel() for o in outs):
                 return self._all_gather_uneven(adapter, outs, tensor, async_op)
         steps: list[Step] = []
@@ -706,6 +792,7 @@ class Communicator:
         if self._check:
             self._verify(name, _desc(out), _desc(tensor), _op_label(op))
         self._check_tensor(name, "out", out)
+        self._check_writable(name, "out", out)
         kind, factor = to_reduce_op(op, name, self.rank)
         adapter = self._enter(name, out.device)
         if isinstance(tensor, torch.Tensor):
@@ -730,6 +817,7 @@ class Communicator:
             self._verify(name, _desc(tensor), f"root={root}")
         self._check_tensor(name, "tensor", tensor)
         self._check_root(name, "root", root)
+        self._check_writable(name, "tensor", tensor)
         adapter = self._enter(name, tensor.device)
         if tensor.numel() == 0:
             return self._done(name, [tensor], async_op)
@@ -763,11 +851,13 @@ class Communicator:
         else:
             self._check_tensor(name, "out", out)
             self._check_like(name, "out", out, tensor, tensor.numel())
+        is_root = self.rank == root
+        if is_root:
+            self._check_writable(name, "tensor" if out is tensor else "out", out)
         adapter = self._enter(name, tensor.device)
         if tensor.numel() == 0:
             return self._done(name, [out], async_op)
         steps: list[Step] = []
-        is_root = self.rank == root
         if out is tensor and not tensor.is_contiguous():
             send = recv = tensor.contiguous()
             if is_root:
@@ -775,6 +865,8 @@ class Communicator:
         else:
             send = self._contig_in(tensor)
             recv = self._contig_out(out, steps) if is_root else send
+            if send.data_ptr() != recv.data_ptr() and overlaps(send, recv):
+                send = send.clone()
         s, r, native, pre = self._reduction(name, adapter, send, recv, kind, factor, divide_here=is_root)
         return self._finish(name, lambda: adapter.reduce(s, r, native, root), pre + steps, [out], async_op)
 
@@ -822,6 +914,7 @@ class Communicator:
             self._verify(name, _desc(out), f"root={root}")
         self._check_tensor(name, "out", out)
         self._check_root(name, "root", root)
+        self._check_writable(name, "out", out)
         adapter = self._enter(name, out.device)
         send: Optional[torch.Tensor] = None
         if self.rank == root:
@@ -863,7 +956,7 @@ class Communicator:
             raise invalid(name, self.rank, "tensor", "is an empty list", f"pass {self.size} tensors")
         self._check_tensor(name, "tensor[0]", ins[0])
         ins = self._check_list(name, "tensor", ins, ins[0])
-        outs = self._check_list(name, "out", out, ins[0])
+        outs = self._check_list(name, "out", out, ins[0], writable=True)
         adapter = self._enter(name, ins[0].device)
         send = torch.cat([flat(self._contig_in(t)) for t in ins])
         esz = send.element_size()
@@ -872,12 +965,15 @@ class Communicator:
         recv_counts = [o.numel() * esz for o in outs]
         steps: list[Step] = [lambda: _unpack(recv, outs)]
         s, r = as_bytes(send), as_bytes(recv)
+        if self._check:
+            self._verify_counts(name, send_counts, recv_counts)
         return self._finish(name, lambda: adapter.alltoallv(s, send_counts, r, recv_counts), steps, list(outs), async_op)
 
     def _all_to_all_tensor(self, name, out, tensor, out_splits, in_splits, async_op) -> Optional[Work]:
         self._check_tensor(name, "tensor", tensor)
         self._check_tensor(name, "out", out)
         self._check_like(name, "out", out, tensor)
+        self._check_writable(name, "out", out)
         adapter = self._enter(name, tensor.device)
         steps: list[Step] = []
         send = self._contig_in(tensor)
@@ -894,11 +990,15 @@ class Communicator:
                     f"shape {tuple(tensor.shape)} / out {tuple(out.shape)} cannot be split evenly over {self.size} ranks",
                     "make dim 0 divisible by the group size and out the same size, or pass split sizes",
                 )
+            if self._check:
+                self._verify_counts(name, [nbytes(tensor) // self.size] * self.size, [nbytes(out) // self.size] * self.size)
             if tensor.numel() == 0:
                 return self._done(name, [out], async_op)
             return self._finish(name, lambda: adapter.alltoall(s, r), steps, [out], async_op)
         send_counts = self._split_counts(name, "in_splits", tensor, in_splits)
         recv_counts = self._split_counts(name, "out_splits", out, out_splits)
+        if self._check:
+            self._verify_counts(name, send_counts, recv_counts)
         return self._finish(name, lambda: adapter.alltoallv(s, send_counts, r, recv_counts), steps, [out], async_op)
 
     def _split_counts(self, op: str, arg: str, t: torch.Tensor, splits: Optional[Sequence[int]]) -> list[int]:
@@ -913,7 +1013,7 @@ class Communicator:
             raise invalid(op, self.rank, arg, f"{splits} must be {self.size} non-negative sizes summing to dim 0 ({rows})", "fix the split sizes")
         return [x * row_bytes for x in splits]
 
-    def _check_list(self, op: str, arg: str, items, ref: torch.Tensor, numel: Optional[int] = None) -> list[torch.Tensor]:
+    def _check_list(self, op: str, arg: str, items, ref: torch.Tensor, numel: Optional[int] = None, writable: bool = False) -> list[torch.Tensor]:
         if not isinstance(items, (list, tuple)):
             raise invalid(op, self.rank, arg, f"expected a tensor or a list of {self.size} tensors, got {type(items).__name__}", "pass a list")
         if len(items) != self.size:
@@ -921,14 +1021,17 @@ class Communicator:
         for i, t in enumerate(items):
             self._check_tensor(op, f"{arg}[{i}]", t)
             self._check_like(op, f"{arg}[{i}]", t, ref, numel)
+            if writable:
+                self._check_writable(op, f"{arg}[{i}]", t)
         return list(items)
 
     def _blocks_out(self, op: str, out: TensorOrList, like: torch.Tensor, steps: list[Step]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Flat receive buffer for ``out`` (size * like.numel() elements, or a list of size blocks like ``like``) and the tensors it fills."""
         if isinstance(out, torch.Tensor):
             self._check_like(op, "out", out, like, like.numel() * self.size)
+            self._check_writable(op, "out", out)
             return self._contig_out(out, steps), [out]
-        outs = self._check_list(op, "out", out, like, like.numel())
+        outs = self._check_list(op, "out", out, like, like.numel(), writable=True)
         recv = torch.empty(like.numel() * self.size, dtype=like.dtype, device=like.device)
         steps.append(lambda: _unpack(recv, outs))
         return recv, outs
@@ -961,6 +1064,7 @@ class Communicator:
         """
         name = "recv"
         self._check_tensor(name, "tensor", tensor)
+        self._check_writable(name, "tensor", tensor)
         adapter = self._enter(name, tensor.device)
         if peer is None:
             if not adapter.capabilities.any_source:
@@ -991,6 +1095,53 @@ class Communicator:
             self._verify(name)
         adapter = self._enter(name, torch.device("cpu"))
         return self._finish(name, adapter.barrier, [], [], async_op)
+
+    def monitored_barrier(self, timeout: Union[None, float, timedelta] = None, wait_all_ranks: bool = False) -> None:
+        """A barrier that names the ranks that did not arrive (Gloo's ``monitoredBarrier``).
+
+        Runs through the store, not the transport, so it answers even when a rank is
+        stuck inside a collective. Rank 0 waits for every other rank up to ``timeout``
+        (default: the communicator's) and raises FlagcxTimeout naming the first missing
+        rank (every missing rank with ``wait_all_ranks``); the others then raise too,
+        naming rank 0. Every rank must call it the same number of times.
+        """
+        name = "monitored_barrier"
+        self._check_open(name)
+        secs = _seconds(timeout)
+        secs = self.timeout if timeout is None else (secs or 0.0)
+        ms = int(secs * 1000)
+        self._monitored_seq += 1
+        key = f"monitored/{self._monitored_seq}"
+        if self.rank != 0:
+            self._store.set(f"{key}/arrived/{self.rank}", b"1")
+            verdict = _store_poll(self._store, f"{key}/verdict", secs + max(secs, 1.0))
+            if verdict != b"ok":
+                raise FlagcxTimeout(
+                    f"Rank {self.rank} successfully reached monitoredBarrier, but received errors while waiting for send/recv from rank 0. "
+                    f"Please check rank 0 logs for faulty rank ({(verdict or b'rank 0 did not answer').decode()})",
+                    op=name,
+                    rank=self.rank,
+                )
+            return
+        deadline = time.monotonic() + secs
+        missing: list[int] = []
+        for peer in range(1, self.size):
+            left = deadline - time.monotonic()
+            if left <= 0 and not wait_all_ranks and not missing:
+                done = [r for r in range(1, peer)]
+                message = f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks that answered: {done})"
+                self._store.set(f"{key}/verdict", message.encode())
+                raise FlagcxTimeout(message, op=name, rank=0)
+            if _store_poll(self._store, f"{key}/arrived/{peer}", max(left, 0.0)) is None:
+                missing.append(peer)
+                if not wait_all_ranks:
+                    break
+        if missing:
+            who = f"Rank {missing[0]}" if len(missing) == 1 else f"Ranks {', '.join(map(str, missing))}"
+            message = f"{who} failed to pass monitoredBarrier in {ms} ms"
+            self._store.set(f"{key}/verdict", message.encode())
+            raise FlagcxTimeout(message, op=name, rank=0)
+        self._store.set(f"{key}/verdict", b"ok")
 
     # ------------------------------------------------------------------ groups, subgroups, lifetime
     def group_start(self) -> None:
@@ -1156,6 +1307,19 @@ class _Many(Handle):
 
     def done(self) -> bool:
         return all(h.done() for h in self._handles)
+
+
+def _store_poll(store: dist.Store, key: str, timeout: float) -> Optional[bytes]:
+    """The value of ``key`` once it exists, or None after ``timeout`` seconds (polls; never hangs on a dead writer)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
+    while True:
+        if store.check([key]):
+            return store.get(key)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+        pause = min(pause * 2, 0.01)
 
 
 def _unpack(flat_buf: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:

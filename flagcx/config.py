@@ -13,6 +13,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 _LEVELS = {
     "": logging.WARNING,
     "WARN": logging.WARNING,
@@ -84,16 +86,16 @@ def _parse_timeout(raw: str | None) -> float | None:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"FLAGCX_TIMEOUT={raw!r} is not a number of seconds; set e.g. FLAGCX_TIMEOUT=300") from None
+        raise ConfigError(f"FLAGCX_TIMEOUT={raw!r} is not a number of seconds; set e.g. FLAGCX_TIMEOUT=300") from None
     if value <= 0:
-        raise ValueError(f"FLAGCX_TIMEOUT={raw!r} must be positive; set e.g. FLAGCX_TIMEOUT=300")
+        raise ConfigError(f"FLAGCX_TIMEOUT={raw!r} must be positive; set e.g. FLAGCX_TIMEOUT=300")
     return value
 
 
 def _parse_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     raw = (_env(name) or default).lower()
     if raw not in choices:
-        raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
     return raw
 
 
@@ -108,7 +110,7 @@ def _parse_clones(raw: str | None) -> tuple[tuple[str, str], ...]:
         library, sep, prefix = item.rpartition(":")
         library, prefix = library.strip(), prefix.strip()
         if not sep or not library or not prefix.isidentifier():
-            raise ValueError(
+            raise ConfigError(
                 f"FLAGCX_NCCL_CLONES entry {item!r} is not 'library:prefix'; "
                 "write e.g. FLAGCX_NCCL_CLONES=libmccl.so:mccl,/opt/x/libfoo.so.1:foo"
             )
@@ -120,7 +122,7 @@ def _parse_count(name: str, raw: str | None) -> int | None:
     if raw is None:
         return None
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name}={raw!r} is not a positive integer; write e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} is not a positive integer; write e.g. {name}=4")
     return int(raw)
 
 
@@ -132,9 +134,9 @@ def _parse_bytes(name: str, raw: str | None) -> int | None:
     try:
         value = int(digits) * scale
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a byte count; write e.g. {name}=4M") from None
+        raise ConfigError(f"{name}={raw!r} is not a byte count; write e.g. {name}=4M") from None
     if value < 1:
-        raise ValueError(f"{name}={raw!r} must be positive; write e.g. {name}=4M")
+        raise ConfigError(f"{name}={raw!r} must be positive; write e.g. {name}=4M")
     return value
 
 
@@ -143,7 +145,7 @@ def _parse_ifname(raw: str | None) -> str | None:
         return None
     names = raw.removeprefix("^").removeprefix("=")
     if not [n for n in names.split(",") if n.strip()]:
-        raise ValueError(f"FLAGCX_SOCKET_IFNAME={raw!r} names no interface; write e.g. FLAGCX_SOCKET_IFNAME=eth (prefix), =eth0 (exact) or ^docker,lo (exclude)")
+        raise ConfigError(f"FLAGCX_SOCKET_IFNAME={raw!r} names no interface; write e.g. FLAGCX_SOCKET_IFNAME=eth (prefix), =eth0 (exact) or ^docker,lo (exclude)")
     return raw
 
 
@@ -160,9 +162,9 @@ def _pairs(name: str, raw: str | None, example: str, bare: bool) -> tuple[tuple[
         device, value = device.strip(), value.strip()
         if (not sep and not bare) or (sep and not _NAME.match(device)) or not _NAME.match(value):
             form = "'name' or 'type:name'" if bare else "'type:name'"
-            raise ValueError(f"{name} entry {item!r} is not {form}; write e.g. {name}={example}")
+            raise ConfigError(f"{name} entry {item!r} is not {form}; write e.g. {name}={example}")
         if device in (d for d, _ in pairs):
-            raise ValueError(f"{name}={raw!r} names {device or 'the accelerator'} twice; give each device type one entry")
+            raise ConfigError(f"{name}={raw!r} names {device or 'the accelerator'} twice; give each device type one entry")
         pairs.append((device, value))
     return tuple(pairs)
 
@@ -171,7 +173,7 @@ def _parse_vendor_backends(raw: str | None) -> tuple[tuple[str, str], ...]:
     pairs = _pairs("FLAGCX_VENDOR_BACKEND", raw, "npu:hccl,cpu:gloo", bare=True)
     for device, backend in pairs:
         if backend == "flagcx":
-            raise ValueError("FLAGCX_VENDOR_BACKEND cannot name 'flagcx' itself; name the vendor's c10d backend (hccl, cncl, xccl, gloo, nccl...)")
+            raise ConfigError("FLAGCX_VENDOR_BACKEND cannot name 'flagcx' itself; name the vendor's c10d backend (hccl, cncl, xccl, gloo, nccl...)")
     return pairs
 
 
@@ -179,7 +181,7 @@ def _parse_device_adapters(raw: str | None) -> tuple[tuple[str, str], ...]:
     pairs = _pairs("FLAGCX_DEVICE_ADAPTER", raw, "npu:myccl", bare=False)
     for device, _ in pairs:
         if device == "cpu":
-            raise ValueError("FLAGCX_DEVICE_ADAPTER is for accelerators; choose the CPU transport with FLAGCX_CPU_ADAPTER")
+            raise ConfigError("FLAGCX_DEVICE_ADAPTER is for accelerators; choose the CPU transport with FLAGCX_CPU_ADAPTER")
     return pairs
 
 
@@ -189,9 +191,9 @@ def _parse_cpu_adapter(raw: str | None, vendor: str | None) -> str:
         return f"torch_pg:{backend}"
     name = (raw or "auto").lower()
     if name == "torch_pg":
-        raise ValueError("FLAGCX_CPU_ADAPTER=torch_pg needs a c10d backend; set FLAGCX_VENDOR_BACKEND=cpu:<backend> instead")
+        raise ConfigError("FLAGCX_CPU_ADAPTER=torch_pg needs a c10d backend; set FLAGCX_VENDOR_BACKEND=cpu:<backend> instead")
     if not _NAME.match(name):
-        raise ValueError(f"FLAGCX_CPU_ADAPTER={name!r} is not one of {', '.join(CPU_ADAPTERS)} nor a plugin adapter name")
+        raise ConfigError(f"FLAGCX_CPU_ADAPTER={name!r} is not one of {', '.join(CPU_ADAPTERS)} nor a plugin adapter name")
     return name
 
 
@@ -202,7 +204,7 @@ def _parse_plugins(raw: str | None) -> tuple[str, ...]:
     for target in targets:
         module, sep, attr = target.partition(":")
         if not sep or not attr.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
-            raise ValueError(f"FLAGCX_ADAPTER_PLUGIN entry {target!r} is not 'module:Class'; write e.g. FLAGCX_ADAPTER_PLUGIN=my_pkg.adapter:MyAdapter")
+            raise ConfigError(f"FLAGCX_ADAPTER_PLUGIN entry {target!r} is not 'module:Class'; write e.g. FLAGCX_ADAPTER_PLUGIN=my_pkg.adapter:MyAdapter")
     return targets
 
 
@@ -252,7 +254,7 @@ def _setup_logging(level_name: str) -> None:
     logger = logging.getLogger("flagcx")
     level = _LEVELS.get(level_name)
     if level is None:
-        raise ValueError(f"FLAGCX_DEBUG={level_name!r} is not one of WARN, INFO, DEBUG")
+        raise ConfigError(f"FLAGCX_DEBUG={level_name!r} is not one of WARN, INFO, DEBUG")
     logger.setLevel(level)
     if not any(getattr(h, "_flagcx", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)

@@ -25,6 +25,10 @@ class InvalidArgument(FlagcxError, ValueError):
     """A caller passed something the op cannot accept (wrong size, dtype, device, root...)."""
 
 
+class ConfigError(FlagcxError, ValueError):
+    """A FLAGCX_* environment variable has a value flagcx cannot use (the message says what to write)."""
+
+
 class NotSupported(FlagcxError):
     """The op, dtype or reduce op is not supported by the adapter that would run it."""
 

@@ -39,7 +39,10 @@ Plans (n = elements, k = clusters):
 
 A transport failure inside any op aborts every sub-communicator at once (the plan is
 broken anyway): peers blocked on this rank in another sub-communicator then fail
-immediately ("rank ... aborted") instead of at their timeout.
+immediately instead of at their timeout. Errors name ranks in this communicator's own
+numbering (never a sub-communicator's), and every failing rank records its error in the
+store, so a rank that only waited on a live peer (or saw it abort) appends what that
+peer was failing on, down to the rank that died or stalled.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -828,6 +832,69 @@ class HeteroAdapter(Adapter):
             self._pool.shutdown(wait=True)
 
 
+_RANK = re.compile(r"\brank (\d+)( \(global \d+\))?")
+FAILURE_WAIT = 2.0
+"""Seconds a failing rank waits for the record of a live peer it blames (see _fail_fast)."""
+
+
+def _in_comm_ranks(self: HeteroAdapter, text: str) -> str:
+    """``text`` with the ranks of the sub-communicator it names rewritten as this communicator's ranks."""
+    for sub in sorted(self._subs(), key=lambda c: -len(c.name)):
+        at = text.find(sub.name)
+        if at < 0:
+            continue
+        head, tail = text[: at + len(sub.name)], text[at + len(sub.name) :]
+
+        def mapped(m: "re.Match[str]") -> str:
+            r = int(m.group(1))
+            if r >= len(sub.global_ranks):
+                return m.group(0)
+            g = sub.global_ranks[r]
+            mine = self.comm.global_ranks.index(g)
+            return f"rank {mine}" if mine == g else f"rank {mine} (global {g})"
+
+        return head.replace(sub.name, f"{self.comm.name} ({sub.name[len(self.comm.name) + 1 :]})") + _RANK.sub(mapped, tail)
+    return text
+
+
+def _with_peer_failures(self: HeteroAdapter, text: str) -> str:
+    """``text`` plus what the live peers it blames were failing on (one peer's wait is often another's stall).
+
+    Every failing rank records its error under ``failure/<rank>`` in the store; a rank that
+    blames a live peer (timed out waiting for it, or saw it abort) waits up to
+    FAILURE_WAIT for that peer's record and follows the chain, so the rank that really
+    died or stalled is named even by ranks that only waited on its victims.
+    """
+    store = self.ctx.store
+    try:
+        store.compare_set(f"failure/{self.rank}", "", text)  # a rank's first failure is the one that explains it
+    except Exception:  # the store is gone: report what this rank saw
+        return text
+    notes, seen, todo = [], {self.rank}, [text]
+    deadline = time.monotonic() + min(FAILURE_WAIT, self.ctx.timeout)
+    while todo and len(seen) <= self.comm.size:
+        current = todo.pop(0)
+        if " died" in current and "alive" not in current:
+            continue
+        for m in _RANK.finditer(current):
+            peer = int(m.group(1))
+            if peer in seen or peer >= self.comm.size:
+                continue
+            seen.add(peer)
+            key = f"failure/{peer}"
+            try:
+                while not store.check([key]) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if not store.check([key]):
+                    continue
+                theirs = store.get(key).decode(errors="replace")
+            except Exception:
+                return text + "".join(notes)
+            notes.append(f"; rank {peer} was failing too: {theirs}")
+            todo.append(theirs)
+    return text + "".join(notes)
+
+
 def _fail_fast(fn: Callable) -> Callable:
     """Wrap an op of HeteroAdapter: a transport failure aborts every sub-communicator before it propagates."""
 
@@ -837,9 +904,11 @@ def _fail_fast(fn: Callable) -> Callable:
             return fn(self, *args, **kwargs)
         except (InvalidArgument, NotSupported):
             raise
-        except FlagcxError:
+        except FlagcxError as exc:
             self.abort()
-            raise
+            raw = str(exc)
+            text = _in_comm_ranks(self, raw.split(": ", 1)[-1] if raw.startswith("flagcx") else raw)
+            raise type(exc)(_with_peer_failures(self, text), op=exc.op, rank=exc.rank) from exc
 
     return op
 

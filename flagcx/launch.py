@@ -24,8 +24,9 @@ import socket
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 EnvSpec = Union[None, Mapping[str, str], Callable[[int], Mapping[str, str]]]
 
@@ -96,6 +97,21 @@ def _loopback_env() -> dict:
     return {"GLOO_SOCKET_IFNAME": names[0]} if names else {}
 
 
+@contextmanager
+def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, restored afterwards (a spawned child inherits it at start)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _rank_env(env: EnvSpec, rank: int) -> dict:
     if env is None:
         return {}
@@ -114,7 +130,10 @@ def spawn(
 ) -> list[Any]:
     """Run ``fn(rank, nproc, *args)`` in ``nproc`` fresh processes; return their results in rank order.
 
-    ``env`` adds environment variables to every rank (a dict) or per rank (a callable).
+    ``env`` adds environment variables to every rank (a dict) or per rank (a callable);
+    they are set when the rank starts, before it imports anything. Like torchrun, ranks
+    get ``OMP_NUM_THREADS=1`` unless it is set (N ranks of intra-op threads each would
+    oversubscribe the cores).
     Raises LaunchError with the first failing rank's traceback; the other ranks are
     terminated. ``timeout`` (seconds) bounds the whole run.
     """
@@ -125,9 +144,12 @@ def spawn(
     results = ctx.Queue()
     procs = []
     loopback = _loopback_env()
+    threads = {} if "OMP_NUM_THREADS" in os.environ or nproc == 1 else {"OMP_NUM_THREADS": "1"}
     for rank in range(nproc):
-        p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, {**loopback, **_rank_env(env, rank)}, tuple(args), results), daemon=False)
-        p.start()
+        rank_env = {**threads, **loopback, **_rank_env(env, rank)}
+        p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, rank_env, tuple(args), results), daemon=False)
+        with patched_environ(rank_env):  # in place from the child's first instruction (OpenMP reads it when torch loads)
+            p.start()
         procs.append(p)
     deadline = None if timeout is None else time.monotonic() + timeout
     values: dict[int, Any] = {}

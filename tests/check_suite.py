@@ -41,4 +41,29 @@ def check_suite(rank: int, size: int) -> Iterable[Check]:
     yield "other_root", lambda: _mismatch(comm, lambda r: comm.broadcast(torch.ones(4), 1 if r == 0 else 0), ["root=0", "root=1"])
     yield "other_reduce_op", lambda: _mismatch(comm, lambda r: comm.all_reduce(torch.ones(4), "max" if r == 0 else "sum"), ["max", "sum"])
     yield "skipped_call", lambda: _mismatch(comm, lambda r: comm.barrier() if r == 0 else comm.all_reduce(torch.ones(2)), ["barrier", "all_reduce"])
+    yield "all_to_all_splits", lambda: _split_mismatch(comm)
+    yield "all_to_all_even_size", lambda: _split_mismatch(comm, even=True)
     yield "destroy", comm.destroy
+
+
+def _split_mismatch(comm: Communicator, even: bool = False) -> None:
+    """Rank 1 sends rank 0 more than rank 0 expects: every rank raises naming the pair; the communicator stays usable."""
+    size, rank = comm.size, comm.rank
+    if even:
+        rows = 2 if rank == 1 else 1
+        call = lambda: comm.all_to_all(torch.empty(rows * size), torch.ones(rows * size))  # noqa: E731
+        words = ["rank 1 sends 8 bytes to rank 0, which expects 4"]
+    else:
+        in_splits = [2 if (rank == 1 and j == 0) else 1 for j in range(size)]
+        call = lambda: comm.all_to_all(torch.empty(size), torch.ones(sum(in_splits)), [1] * size, in_splits)  # noqa: E731
+        words = ["rank 1 sends 8 bytes to rank 0, which expects 4"]
+    try:
+        call()
+    except InvalidArgument as exc:
+        for w in words + ["split sizes do not match"]:
+            assert w in str(exc), f"{exc} lacks {w!r}"
+    else:
+        raise AssertionError("a mismatched all_to_all was not detected")
+    y = torch.ones(3)
+    comm.all_reduce(y)
+    assert_equal(y, torch.full((3,), float(size)), "all_reduce after a detected mismatch")

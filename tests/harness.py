@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 from flagcx import config
-from flagcx.launch import spawn
+from flagcx.launch import patched_environ, spawn
 
 Suite = Callable[[int, int], Iterable[tuple[str, Callable[[], None]]]]
 
@@ -72,15 +72,9 @@ def assert_passed(outcomes: list[dict[str, Optional[str]]], min_checks: int = 1)
 @contextmanager
 def flagcx_env(**values: str) -> Iterator[None]:
     """Set FLAGCX_* variables for the communicators created inside (config re-read), then restore them."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    config.reload()
     try:
-        yield
+        with patched_environ(values):
+            config.reload()
+            yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         config.reload()

@@ -291,6 +291,18 @@ def _errors(g, device) -> None:
     expect_error(NotSupported, lambda: g.all_reduce(torch.ones(3, dtype=torch.int32, device=device), PremulSum(2.0)), "PREMUL_SUM")
     expect_error(InvalidArgument, lambda: g.all_reduce(x, "bogus"), "bogus")
     expect_error(InvalidArgument, lambda: g.all_reduce([x], "sum"), "tensor")
+    one = torch.ones(1, device=device)
+    expect_error(InvalidArgument, lambda: g.all_reduce(one.expand(4)), "tensor", "share memory")
+    expect_error(InvalidArgument, lambda: g.all_reduce(x, out=one.expand(4)), "out", "share memory")
+    expect_error(InvalidArgument, lambda: g.broadcast(one.expand(4), 0), "share memory")
+    expect_error(InvalidArgument, lambda: g.all_gather(one.expand(4 * g.size), x), "out", "share memory")
+    expect_error(InvalidArgument, lambda: g.all_gather([one.expand(4)] * g.size, x), "out[0]", "share memory")
+    expect_error(InvalidArgument, lambda: g.all_reduce(one.expand(8 << 30)), "share memory")  # a 32 GiB view of 4 bytes
+    # out-of-place with partially overlapping input and output: computed as if the input were copied first
+    buf = torch.arange(12, dtype=torch.float32, device=device) + g.rank
+    g.all_reduce(buf[:8], out=buf[4:])
+    expected = sum(torch.arange(8, dtype=torch.float32) + r for r in range(g.size)).to(device)
+    assert_equal(buf[4:], expected, "all_reduce into an output that overlaps its input")
     # the communicator still works after all those rejections
     y = torch.ones(3, device=device)
     g.all_reduce(y)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Iterable
 
 import torch
@@ -54,6 +55,7 @@ def shm_checks(rank: int, size: int) -> Iterable[Check]:
     yield "shm/alltoallv_mismatch", lambda: _alltoallv_mismatch(comm)
     yield "shm/forked_child", lambda: _forked_child(comm)
     yield "shm/mismatched_calls", lambda: _mismatched_calls(rank, size)
+    yield "shm/mismatch_seen_by_receivers_only", lambda: _mismatch_reaches_root(rank, size)
     yield "shm/p2p_size_mismatch", lambda: _p2p_size_mismatch(rank, size)
     yield "shm/destroy", lambda: (small.destroy(), comm.destroy())
 
@@ -328,6 +330,30 @@ def _mismatched_calls(rank: int, size: int) -> None:
             assert "unusable" in str(exc), str(exc)
         else:
             raise AssertionError("a broken communicator accepted another call")
+    finally:
+        comm.destroy()
+
+
+def _mismatch_reaches_root(rank: int, size: int) -> None:
+    """A broadcast whose root sends fewer bytes than the others expect: the root returns from its part,
+    the receivers raise InvalidArgument, and the root's next call raises at once, naming a rank that saw it."""
+    comm = Communicator.from_env(name="shm-bcast-size")
+    try:
+        try:
+            comm.broadcast(torch.ones(4 if rank == 0 else 5), 0)
+        except InvalidArgument as exc:
+            assert rank != 0 and "called broadcast" in str(exc), str(exc)
+        else:
+            assert rank == 0, "a receiver of a mismatched broadcast returned success"
+        start = time.monotonic()
+        try:
+            comm.all_reduce(torch.ones(3))
+        except flagcx.FlagcxError as exc:
+            text = str(exc)
+            assert ("unusable" in text) if rank else ("do not match" in text), text
+            assert time.monotonic() - start < 5, f"the next call took {time.monotonic() - start:.1f} s to fail"
+        else:
+            raise AssertionError("a rank ran its next collective on a communicator with a mismatched call")
     finally:
         comm.destroy()
 

@@ -43,7 +43,7 @@ spec = importlib.util.spec_from_file_location("_shm", sys.argv[1])
 shm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(shm)
 out, err = shm.ffi.new("fxs_comm **"), shm.ffi.new("char[]", 512)
-print(shm.lib.fxs_create(sys.argv[2].encode(), 0, 2, 1 << 16, 4096, 60.0, out, err, 512), flush=True)
+print(shm.lib.fxs_create(sys.argv[2].encode(), 0, 2, int(sys.argv[3]), 4096, 60.0, out, err, 512), flush=True)
 time.sleep(300)
 """
 
@@ -53,7 +53,7 @@ def _orphan(tag: str) -> str:
     from flagcx import _shm
 
     name = f"/{SEGMENT_PREFIX}test-{tag}-{os.urandom(4).hex()}"
-    proc = subprocess.Popen([sys.executable, "-c", _CREATOR, _shm.__file__, name], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _CREATOR, _shm.__file__, name, str(1 << 16)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "0", "fxs_create failed"
     finally:
@@ -78,6 +78,29 @@ def test_sweep_removes_only_segments_whose_creator_died():
     finally:
         lib.fxs_close(out[0], 1)
         lib.fxs_unlink(live.encode())
+
+
+@pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
+def test_sweep_removes_segment_of_creator_killed_while_reserving():
+    """Rank 0 SIGKILLed inside fxs_create, while a 512 MiB segment's memory is being reserved."""
+    from flagcx import _shm
+    from flagcx._shm import lib
+
+    name = f"/{SEGMENT_PREFIX}test-reserving-{os.urandom(4).hex()}"
+    proc = subprocess.Popen([sys.executable, "-c", _CREATOR, _shm.__file__, name, str(1 << 28)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists("/dev/shm" + name) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        assert os.path.exists("/dev/shm" + name), "the creator never made its segment"
+    finally:
+        proc.kill()
+        proc.wait()
+    lib.fxs_sweep(SEGMENT_PREFIX.encode())
+    leaked = os.path.exists("/dev/shm" + name)
+    if leaked:
+        os.unlink("/dev/shm" + name)
+    assert not leaked, "a segment whose creator died while reserving its memory survived the sweep"
 
 
 @pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")

@@ -65,15 +65,12 @@ def _names(text: str, victim: int, group_rank: int) -> bool:
 
 def _check_killed(mode: str, out: Path, reports: dict[int, dict], phase: str, victim: int) -> None:
     killed = _load(out, f"victim{victim}.json")["killed_at"]
-    named = []
     for r, rep in reports.items():
         p = rep[phase]
         err = p["error"]
         assert err["error"] in ("RemoteError", "FlagcxTimeout", "FlagcxError"), (mode, phase, r, err)
         assert err["at"] - killed < TIMEOUT + SLACK, (mode, phase, r, err, killed)
-        named.append(_names(err["text"], victim, 3))
-        if mode != "hetero":  # hetero: a survivor may name the live peer it was blocked on (which aborted)
-            assert named[-1], (mode, phase, r, err["text"])
+        assert _names(err["text"], victim, 3), (mode, phase, r, err["text"])  # hetero too: the dead rank, not a peer that aborted
         assert p["again"]["error"] in ("CommAborted", "RemoteError", "FlagcxTimeout"), (mode, phase, r, p["again"])
         assert p["again"]["elapsed"] < 1.0, (mode, phase, r, p["again"])
         assert p["abort"]["error"] is None and p["abort"]["elapsed"] < 2.0, (mode, phase, r, p["abort"])
@@ -81,7 +78,6 @@ def _check_killed(mode: str, out: Path, reports: dict[int, dict], phase: str, vi
         assert p["recover"]["error"] is None, (mode, phase, r, p["recover"])
         if phase == "after":
             assert p["last_correct"], (mode, phase, r, p["last"])
-    assert any(named), (mode, phase, [rep[phase]["error"]["text"] for rep in reports.values()])
 
 
 @pytest.mark.parametrize("mode", ["gloo", pytest.param("shm", marks=pytest.mark.skipif(not SHM_OK, reason="shm not built")), pytest.param("hetero", marks=pytest.mark.skipif(not SHM_OK, reason="shm not built"))])
@@ -115,8 +111,7 @@ def _check_stuck(mode: str, reports: dict[int, dict], late: int, survivors) -> N
         err = p["error"]
         assert err["error"] == "FlagcxTimeout", (mode, r, err)
         assert TIMEOUT * 0.95 <= err["elapsed"] < TIMEOUT + SLACK, (mode, r, err)
-        if mode != "hetero":
-            assert f"rank {late} " in err["text"] and "alive" in err["text"], (mode, r, err["text"])
+        assert f"rank {late} " in err["text"] and "alive" in err["text"], (mode, r, err["text"])
         assert p["again"]["error"] in ("CommAborted", "FlagcxTimeout", "RemoteError"), (mode, r, p["again"])
     for r, rep in reports.items():
         p = rep["stuck"]

@@ -1,0 +1,26 @@
+"""DeepSeek-V4 on the real transformers model under nested TP: 16 ranks, every layout, against one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .harness import assert_passed, run_suite
+
+pytest.importorskip("transformers.models.deepseek_v4", reason="needs transformers >= 5.25 (the [models] extra)")
+
+
+def test_v4_layouts_16_ranks():
+    assert_passed(run_suite("tests.v4_suite:v4_layouts", 16, timeout=1200), min_checks=20)
+
+
+def test_generate_example_4_ranks():
+    """examples/deepseek_v4_generate.py end to end through python -m flagcx.launch (float32, then bfloat16)."""
+    root = Path(__file__).resolve().parent.parent
+    for dtype in ("float32", "bfloat16"):
+        cmd = [sys.executable, "-m", "flagcx.launch", "--nproc", "4", "examples/deepseek_v4_generate.py", "--tp", "4", "--ogroup-tp", "2", "--dtype", dtype]
+        proc = subprocess.run(cmd, cwd=root, env={**os.environ, "FLAGCX_TIMEOUT": "120"}, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert ": OK" in proc.stdout and "4 ranks" in proc.stdout, proc.stdout
