@@ -16,6 +16,11 @@ def test_v4_layouts_16_ranks():
     assert_passed(run_suite("tests.v4_suite:v4_layouts", 16, timeout=1200), min_checks=20)
 
 
+def test_core_package_does_not_import_transformers():
+    code = "import sys, flagcx, flagcx.topology; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0, "import flagcx pulled in transformers"
+
+
 def test_generate_example_4_ranks():
     """examples/deepseek_v4_generate.py end to end through python -m flagcx.launch (float32, then bfloat16)."""
     root = Path(__file__).resolve().parent.parent

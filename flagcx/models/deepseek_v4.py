@@ -31,8 +31,10 @@ With ``state_dict`` (a mapping of the full checkpoint's tensors, or a lazy one s
 safetensors' ``safe_open``, whose ``get_slice`` is used when present) every rank reads
 only its shards: this is the parameter conversion, and no rank holds the full model.
 Layouts that cannot work raise ``InvalidArgument`` (``check_layout``) before any weight
-is touched. Buffers keep fixed shapes, so the sharded layers can be captured in CUDA
-graphs like the unsharded ones.
+is touched. Every buffer the sharded layers allocate has a shape fixed by the batch and
+sequence sizes and the layout (block shares come from ``TPPlan.token_shares``), never by
+the data, as a CUDA graph capture needs; whether a whole decode step can be captured is
+up to the cache implementation (transformers' dynamic cache grows).
 """
 
 from __future__ import annotations
