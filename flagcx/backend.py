@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .communicator import Communicator
-from .errors import FlagcxError
+from .errors import FlagcxError, invalid
 from .types import ReduceOp
 from .work import Work, merge
 
@@ -245,10 +245,8 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         ins = _tensors(input_list)
         for r, outs in enumerate(output_lists):
             if len(outs) != len(ins):
-                raise FlagcxError(
-                    f"argument 'output_tensor_lists[{r}]': has {len(outs)} tensors but there are {len(ins)} inputs; give every rank's list one tensor per input",
-                    op="all_gather_coalesced",
-                    rank=self.comm.rank,
+                raise invalid(
+                    "all_gather_coalesced", self.comm.rank, f"output_tensor_lists[{r}]", f"has {len(outs)} tensors but there are {len(ins)} inputs", "give every rank's list one tensor per input"
                 )
         per_input = [[outs[i] for outs in output_lists] for i in range(len(ins))]
         return self.allgather(per_input, ins, opts)

@@ -1127,9 +1127,8 @@ class Communicator:
         missing: list[int] = []
         for peer in range(1, self.size):
             left = deadline - time.monotonic()
-            if left <= 0 and not wait_all_ranks and not missing:
-                done = [r for r in range(1, peer)]
-                message = f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks that answered: {done})"
+            if left <= 0 and not wait_all_ranks:
+                message = f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks that answered: {list(range(1, peer))})"
                 self._store.set(f"{key}/verdict", message.encode())
                 raise FlagcxTimeout(message, op=name, rank=0)
             if _store_poll(self._store, f"{key}/arrived/{peer}", max(left, 0.0)) is None:

@@ -20,8 +20,10 @@ import multiprocessing as mp
 import os
 import queue
 import runpy
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -40,7 +42,40 @@ class LaunchError(RuntimeError):
         self.detail = detail
 
 
-def _child(fn: Callable, rank: int, size: int, port: int, env: dict, args: tuple, results) -> None:
+class LaunchInterrupted(LaunchError):
+    """The launcher was stopped by a signal (SIGINT, SIGTERM, SIGHUP); every rank was ended."""
+
+    def __init__(self, signum: int, ended: int) -> None:
+        self.signum = signum
+        super().__init__(-1, f"stopped by {signal.Signals(signum).name}; ended {ended} running rank(s)")
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class _Stop(BaseException):
+    """Raised in the launcher's main thread by SIGTERM / SIGHUP."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send this rank SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the launcher's own handlers still end the ranks
+        return
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def _child(fn: Callable, rank: int, size: int, port: int, env: dict, args: tuple, results, parent: int) -> None:
+    _die_with_parent(parent)
     os.environ.update(env)
     os.environ.update(
         {
@@ -60,6 +95,8 @@ def _child(fn: Callable, rank: int, size: int, port: int, env: dict, args: tuple
     except SystemExit as exc:
         if exc.code not in (None, 0):
             ok, value, code = False, f"exited with SystemExit({exc.code!r})", exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group: the launcher reports it once
+        os._exit(130)
     except BaseException:
         ok, value, code = False, traceback.format_exc(), 1
     results.put((rank, ok, value))
@@ -142,19 +179,22 @@ def spawn(
     store = loopback_store(nproc)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = []
+    procs: list = []
     loopback = _loopback_env()
     threads = {} if "OMP_NUM_THREADS" in os.environ or nproc == 1 else {"OMP_NUM_THREADS": "1"}
-    for rank in range(nproc):
-        rank_env = {**threads, **loopback, **_rank_env(env, rank)}
-        p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, rank_env, tuple(args), results), daemon=False)
-        with patched_environ(rank_env):  # in place from the child's first instruction (OpenMP reads it when torch loads)
-            p.start()
-        procs.append(p)
     deadline = None if timeout is None else time.monotonic() + timeout
     values: dict[int, Any] = {}
     failure: Optional[LaunchError] = None
+    interrupted: Optional[int] = None
+    ended = 0
+    previous = _catch_stop_signals()
     try:
+        for rank in range(nproc):
+            rank_env = {**threads, **loopback, **_rank_env(env, rank)}
+            p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, rank_env, tuple(args), results, os.getpid()), daemon=False)
+            with patched_environ(rank_env):  # in place from the child's first instruction (OpenMP reads it when torch loads)
+                p.start()
+            procs.append(p)
         while len(values) < nproc and failure is None:
             try:
                 rank, ok, value = results.get(timeout=0.2)
@@ -180,20 +220,60 @@ def spawn(
                         break
             if deadline is not None and time.monotonic() > deadline and failure is None:
                 failure = LaunchError(-1, f"launch timed out after {timeout:g} s; finished ranks: {sorted(values)}")
+    except _Stop as exc:
+        interrupted = exc.signum
+    except KeyboardInterrupt:
+        interrupted = signal.SIGINT
     finally:
+        _ignore_stop_signals()  # a second Ctrl-C or kill must not cut the clean-up short
+        stopping = failure is not None or interrupted is not None
         for p in procs:
-            if failure is not None and p.is_alive():
+            if stopping and p.is_alive():
                 p.terminate()
+                ended += 1
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=5 if stopping else 10)
             if p.is_alive():
                 p.kill()
                 p.join()
         results.close()
         del store
+        _restore_signals(previous)
+    if interrupted is not None:
+        raise LaunchInterrupted(interrupted, ended)
     if failure is not None:
         raise failure
     return [values[r] for r in range(nproc)]
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _catch_stop_signals() -> Optional[dict]:
+    """SIGTERM / SIGHUP raise _Stop in the launcher (SIGINT raises KeyboardInterrupt); None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stop(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return previous
+
+
+def _ignore_stop_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def _restore_signals(previous: Optional[dict]) -> None:
+    if previous is not None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _run_target(rank: int, size: int, target: list[str], module: bool) -> None:
@@ -212,8 +292,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = parser.parse_args(argv)
     if not ns.target:
         parser.error("give a script to run")
+    if ns.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {ns.nproc}")
     try:
         spawn(_run_target, ns.nproc, (ns.target, ns.module))
+    except LaunchInterrupted as exc:
+        print(f"flagcx.launch: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except LaunchError as exc:
         print(f"flagcx.launch: {exc}", file=sys.stderr)
         return 1

@@ -58,6 +58,7 @@ def _all_gather_coalesced(size: int, rank: int) -> None:
     ins = [torch.full((2, 3), float(rank)), torch.arange(5.0) + rank, torch.empty(0)]
     outs = [[torch.empty_like(t) for t in ins] for _ in range(size)]
     dist.all_gather_coalesced(outs, ins)
+    expect_error(InvalidArgument, lambda: dist.all_gather_coalesced([o[:2] for o in outs], ins), "output_tensor_lists[0]", "3 inputs")
     for r in range(size):
         assert torch.equal(outs[r][0], torch.full((2, 3), float(r)))
         assert torch.equal(outs[r][1], torch.arange(5.0) + r)

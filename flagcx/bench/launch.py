@@ -109,10 +109,13 @@ def launch(opts: Options) -> int:
     if nproc == 1:
         store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=opts.timeout))
         return _rank(opts, LaunchEnv(0, 1, 0, 1, "local"), store)
-    from ..launch import LaunchError, spawn
+    from ..launch import LaunchError, LaunchInterrupted, spawn
 
     try:
         codes = spawn(_spawned_rank, nproc, (opts,), env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    except LaunchInterrupted as exc:
+        print(f"flagcx-bench: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except LaunchError as exc:
         print(f"flagcx-bench: {exc}", file=sys.stderr)
         return 1

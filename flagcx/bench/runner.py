@@ -90,6 +90,7 @@ class Sweep:
                 self.progress.step(f"{backend.name} {coll.name} {dtype_name} {op} {size} B")
                 row = self.row(backend, coll, dtype_name, op, root, size)
                 run.rows.append(row)
+                self.progress.clear()  # a terminal shows stderr and stdout on one line: no leftover before the row
                 self.emit(report.row_line(row))
                 if row.unsupported is not None:
                     break
