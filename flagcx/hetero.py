@@ -857,19 +857,23 @@ def _in_comm_ranks(self: HeteroAdapter, text: str) -> str:
     return text
 
 
-def _with_peer_failures(self: HeteroAdapter, text: str) -> str:
+def _with_peer_failures(self: HeteroAdapter, exc: FlagcxError, text: str) -> tuple[str, type]:
     """``text`` plus what the live peers it blames were failing on (one peer's wait is often another's stall).
 
-    Every failing rank records its error under ``failure/<rank>`` in the store; a rank that
-    blames a live peer (timed out waiting for it, or saw it abort) waits up to
-    FAILURE_WAIT for that peer's record and follows the chain, so the rank that really
-    died or stalled is named even by ranks that only waited on its victims.
+    Every failing rank records its error (class and text) under ``failure/<rank>`` in the
+    store; a rank that blames a live peer (timed out waiting for it, or saw it abort) waits
+    up to FAILURE_WAIT for that peer's record and follows the chain, so the rank that
+    really died or stalled is named even by ranks that only waited on its victims. A rank
+    whose own news is only a peer's abort takes the class of the failure that caused it
+    (a peer that timed out makes it a FlagcxTimeout here too).
     """
     store = self.ctx.store
     try:
-        store.compare_set(f"failure/{self.rank}", "", text)  # a rank's first failure is the one that explains it
+        store.compare_set(f"failure/{self.rank}", "", f"{type(exc).__name__}:{text}")  # a rank's first failure explains it
     except Exception:  # the store is gone: report what this rank saw
-        return text
+        return text, type(exc)
+    cls: type = type(exc)
+    cascade = "aborted its communicator" in text or "closed its communicator" in text
     notes, seen, todo = [], {self.rank}, [text]
     deadline = time.monotonic() + min(FAILURE_WAIT, self.ctx.timeout)
     while todo and len(seen) <= self.comm.size:
@@ -887,12 +891,14 @@ def _with_peer_failures(self: HeteroAdapter, text: str) -> str:
                     time.sleep(0.01)
                 if not store.check([key]):
                     continue
-                theirs = store.get(key).decode(errors="replace")
+                kind, _, theirs = store.get(key).decode(errors="replace").partition(":")
             except Exception:
-                return text + "".join(notes)
+                return text + "".join(notes), cls
             notes.append(f"; rank {peer} was failing too: {theirs}")
             todo.append(theirs)
-    return text + "".join(notes)
+            if cascade and kind == FlagcxTimeout.__name__:
+                cls = FlagcxTimeout
+    return text + "".join(notes), cls
 
 
 def _fail_fast(fn: Callable) -> Callable:
@@ -907,8 +913,8 @@ def _fail_fast(fn: Callable) -> Callable:
         except FlagcxError as exc:
             self.abort()
             raw = str(exc)
-            text = _in_comm_ranks(self, raw.split(": ", 1)[-1] if raw.startswith("flagcx") else raw)
-            raise type(exc)(_with_peer_failures(self, text), op=exc.op, rank=exc.rank) from exc
+            text, cls = _with_peer_failures(self, exc, _in_comm_ranks(self, raw.split(": ", 1)[-1] if raw.startswith("flagcx") else raw))
+            raise cls(text, op=exc.op, rank=exc.rank) from exc
 
     return op
 

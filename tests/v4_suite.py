@@ -6,16 +6,21 @@ every layout (W, t) then builds the model on the meta device, converts the full
 checkpoint into this rank's shards (``parallelize(..., state_dict=...)``), and compares
 logits (float32: max error <= 1e-4 of max |logit|) and tokens with the reference, for
 1, 2 and 4 simulated hosts. Batch 3 of 13 tokens: block shares are uneven, and with
-4 blocks one is empty.
+4 blocks one is empty. One more layout reads the checkpoint from a safetensors file through
+``safe_open`` (each rank reads only its slices).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 import flagcx  # noqa: F401  (registers the backend)
 from flagcx import InvalidArgument
@@ -60,6 +65,29 @@ def _layout(config, state, ids, reference, world: int, t: int, hosts: int, rank:
     for pg in (groups.tp, groups.ogroup_tp, groups.ogroup_replica, groups.dp):
         if pg is not None:
             dist.destroy_process_group(pg)
+
+
+def _from_safetensors(config, path: str, ids: torch.Tensor, ref_logits: torch.Tensor) -> None:
+    """The parameter conversion from a lazy checkpoint: every rank reads only its slices through get_slice."""
+    from safetensors import safe_open
+    from transformers import DeepseekV4ForCausalLM
+
+    from flagcx.models.deepseek_v4 import parallelize
+
+    groups = init_tp_groups(16, 8, o_groups=config.o_groups)
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(config).eval()
+    with safe_open(path, "pt") as ckpt:
+        parallelize(model, groups, state_dict=ckpt)
+    with torch.no_grad():
+        logits = model(ids).logits
+    err = (logits - ref_logits).abs().max().item()
+    assert err <= TOLERANCE * ref_logits.abs().max().item(), f"max logit error {err:.3g} from the safetensors checkpoint"
+    for pg in (groups.tp, groups.ogroup_tp, groups.ogroup_replica):
+        dist.destroy_process_group(pg)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(os.path.dirname(path))
 
 
 def _check_traffic(model, groups, config, ids: torch.Tensor) -> None:
@@ -113,9 +141,12 @@ def v4_layouts(rank: int, size: int) -> Iterable[Check]:
     box = [None]
     if rank == 0:
         ids = torch.randint(1, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
-        box = [(full.state_dict(), ids, _run(full, ids))]
+        path = os.path.join(tempfile.mkdtemp(prefix="flagcx-v4-"), "model.safetensors")
+        save_file({k: v.contiguous() for k, v in full.state_dict().items()}, path)
+        box = [(full.state_dict(), ids, _run(full, ids), path)]
     dist.broadcast_object_list(box, src=0)
-    state, ids, reference = box[0]
+    state, ids, reference, path = box[0]
+    yield "W=16,t=8 read shard by shard from safetensors", lambda: _from_safetensors(config, path, ids, reference[0])
     for world, t in LAYOUTS:
         for hosts in HOSTS:
             yield f"W={world},t={t},hosts={hosts}", lambda w=world, tt=t, h=hosts: _layout(config, state, ids, reference, w, tt, h, rank)
