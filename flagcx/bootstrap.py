@@ -29,6 +29,20 @@ def _missing(store, keys: list[str]) -> list[int]:
     return [i for i, key in enumerate(keys) if not store.check([key])]
 
 
+def store_poll(store, key: str, timeout: float) -> Optional[bytes]:
+    """The value of ``key`` once it exists, or None after ``timeout`` seconds (polls, so a dead writer never hangs it)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
+    while True:
+        if store.check([key]):
+            return store.get(key)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.01)
+
+
 def store_wait(store, keys: list[str], timeout: float, what: str, ranks: Optional[list[int]] = None) -> None:
     """Wait until every key exists, or raise FlagcxTimeout naming the ranks that never wrote theirs."""
     try:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import config
 from .adapters import DONE, Adapter, AdapterContext, Handle, adapter_class
-from .bootstrap import store_allgather
+from .bootstrap import store_allgather, store_poll
 from .errors import CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported, invalid
 from .streams import SideStream, current_device_index, is_capturing
 from .tensors import as_bytes, flat, nbytes, overlaps
@@ -54,6 +54,9 @@ vendor's torch extension registered, e.g. hccl for npu) through ``torch_pg``.
 
 _FINGERPRINT = 160
 """Bytes of one rank's call description exchanged under FLAGCX_CHECK."""
+
+_SPARSE_DTYPES = sorted(FLOAT_DTYPES | {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool}, key=str)
+"""Value dtypes of sparse all_reduce; a dtype's index is the code the ranks compare."""
 
 
 def _desc(x) -> str:
@@ -445,6 +448,13 @@ class Communicator:
         self._cur = adapter
         return adapter
 
+    def _host_allgather(self, mine: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``mine`` (a small CPU tensor), in rank order, over the host transport (FLAGCX_CHECK's exchanges)."""
+        every = torch.empty(mine.numel() * self.size, dtype=mine.dtype)
+        adapter = self._hetero if self._hetero is not None else self._adapters["cpu"]
+        adapter.allgather(as_bytes(mine), as_bytes(every)).wait()
+        return every
+
     def _verify(self, op: str, *fields: str) -> None:
         """FLAGCX_CHECK: compare this call's fingerprint with every rank's before running it.
 
@@ -456,9 +466,7 @@ class Communicator:
         self._check_seq += 1
         text = f"#{self._check_seq} {op}({', '.join(fields)})"
         mine = torch.frombuffer(bytearray(text.encode()[:_FINGERPRINT].ljust(_FINGERPRINT, b"\0")), dtype=torch.uint8)
-        every = torch.empty(_FINGERPRINT * self.size, dtype=torch.uint8)
-        adapter = self._hetero if self._hetero is not None else self._adapters["cpu"]
-        adapter.allgather(mine, every).wait()
+        every = self._host_allgather(mine)
         calls = [bytes(every[r * _FINGERPRINT : (r + 1) * _FINGERPRINT].tolist()).rstrip(b"\0").decode(errors="replace") for r in range(self.size)]
         if any(c != calls[0] for c in calls):
             detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
@@ -475,10 +483,7 @@ class Communicator:
         Every rank all-gathers every rank's byte counts and checks the whole matrix, so
         a mismatch raises InvalidArgument on every rank, naming each bad pair.
         """
-        mine = torch.tensor(list(send_counts) + list(recv_counts), dtype=torch.int64)
-        every = torch.empty(2 * self.size * self.size, dtype=torch.int64)
-        adapter = self._hetero if self._hetero is not None else self._adapters["cpu"]
-        adapter.allgather(as_bytes(mine), as_bytes(every)).wait()
+        every = self._host_allgather(torch.tensor(list(send_counts) + list(recv_counts), dtype=torch.int64))
         counts = every.view(self.size, 2, self.size).tolist()
         bad = [
             f"rank {i} sends {counts[i][0][j]} bytes to rank {j}, which expects {counts[j][1][i]}"
@@ -662,8 +667,7 @@ class Communicator:
         if tensor.dim() > self._SPARSE_META - 4:
             raise NotSupported(f"sparse tensors of more than {self._SPARSE_META - 4} dims are not supported", op=name, rank=self.rank)
         local = tensor.coalesce()
-        dtypes = sorted(FLOAT_DTYPES | {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool}, key=str)
-        code = dtypes.index(tensor.dtype) if tensor.dtype in dtypes else -1
+        code = _SPARSE_DTYPES.index(tensor.dtype) if tensor.dtype in _SPARSE_DTYPES else -1
         meta = torch.zeros(self._SPARSE_META, dtype=torch.int64, device=tensor.device)
         meta[:4] = torch.tensor([local._nnz(), local.sparse_dim(), code, local.dim()])
         meta[4 : 4 + local.dim()] = torch.tensor(local.shape, dtype=torch.int64)
@@ -1114,7 +1118,7 @@ class Communicator:
         key = f"monitored/{self._monitored_seq}"
         if self.rank != 0:
             self._store.set(f"{key}/arrived/{self.rank}", b"1")
-            verdict = _store_poll(self._store, f"{key}/verdict", secs + max(secs, 1.0))
+            verdict = store_poll(self._store, f"{key}/verdict", secs + max(secs, 1.0))
             if verdict != b"ok":
                 raise FlagcxTimeout(
                     f"Rank {self.rank} successfully reached monitoredBarrier, but received errors while waiting for send/recv from rank 0. "
@@ -1131,7 +1135,7 @@ class Communicator:
                 message = f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks that answered: {list(range(1, peer))})"
                 self._store.set(f"{key}/verdict", message.encode())
                 raise FlagcxTimeout(message, op=name, rank=0)
-            if _store_poll(self._store, f"{key}/arrived/{peer}", max(left, 0.0)) is None:
+            if store_poll(self._store, f"{key}/arrived/{peer}", max(left, 0.0)) is None:
                 missing.append(peer)
                 if not wait_all_ranks:
                     break
@@ -1306,19 +1310,6 @@ class _Many(Handle):
 
     def done(self) -> bool:
         return all(h.done() for h in self._handles)
-
-
-def _store_poll(store: dist.Store, key: str, timeout: float) -> Optional[bytes]:
-    """The value of ``key`` once it exists, or None after ``timeout`` seconds (polls; never hangs on a dead writer)."""
-    deadline = time.monotonic() + timeout
-    pause = 0.0005
-    while True:
-        if store.check([key]):
-            return store.get(key)
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
-        pause = min(pause * 2, 0.01)
 
 
 def _unpack(flat_buf: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:

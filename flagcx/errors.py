@@ -17,6 +17,8 @@ class FlagcxError(RuntimeError):
         if rank is not None:
             prefix += f" (rank {rank})"
         super().__init__(f"{prefix}: {message}")
+        self.detail = message
+        """The message without the ``flagcx op (rank r):`` prefix (for re-raising with more context)."""
         self.op = op
         self.rank = rank
 

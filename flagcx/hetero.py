@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 
 from .adapters.base import ALL_OPS, DONE, Adapter, Capabilities, Handle
-from .bootstrap import store_allgather
+from .bootstrap import store_allgather, store_poll
 from .config import get as get_config
 from .errors import FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported
 from .tensors import as_bytes
@@ -885,15 +885,13 @@ def _with_peer_failures(self: HeteroAdapter, exc: FlagcxError, text: str) -> tup
             if peer in seen or peer >= self.comm.size:
                 continue
             seen.add(peer)
-            key = f"failure/{peer}"
             try:
-                while not store.check([key]) and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                if not store.check([key]):
-                    continue
-                kind, _, theirs = store.get(key).decode(errors="replace").partition(":")
+                record = store_poll(store, f"failure/{peer}", max(deadline - time.monotonic(), 0.0))
             except Exception:
                 return text + "".join(notes), cls
+            if record is None:
+                continue
+            kind, _, theirs = record.decode(errors="replace").partition(":")
             notes.append(f"; rank {peer} was failing too: {theirs}")
             todo.append(theirs)
             if cascade and kind == FlagcxTimeout.__name__:
@@ -912,8 +910,7 @@ def _fail_fast(fn: Callable) -> Callable:
             raise
         except FlagcxError as exc:
             self.abort()
-            raw = str(exc)
-            text, cls = _with_peer_failures(self, exc, _in_comm_ranks(self, raw.split(": ", 1)[-1] if raw.startswith("flagcx") else raw))
+            text, cls = _with_peer_failures(self, exc, _in_comm_ranks(self, exc.detail))
             raise cls(text, op=exc.op, rank=exc.rank) from exc
 
     return op

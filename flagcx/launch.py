@@ -74,9 +74,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(fn: Callable, rank: int, size: int, port: int, env: dict, args: tuple, results, parent: int) -> None:
-    _die_with_parent(parent)
-    os.environ.update(env)
+def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results, parent: int) -> None:
+    _die_with_parent(parent)  # the rank's own variables are already in place: spawn() set them for its start
     os.environ.update(
         {
             "RANK": str(rank),
@@ -191,7 +190,7 @@ def spawn(
     try:
         for rank in range(nproc):
             rank_env = {**threads, **loopback, **_rank_env(env, rank)}
-            p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, rank_env, tuple(args), results, os.getpid()), daemon=False)
+            p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, tuple(args), results, os.getpid()), daemon=False)
             with patched_environ(rank_env):  # in place from the child's first instruction (OpenMP reads it when torch loads)
                 p.start()
             procs.append(p)

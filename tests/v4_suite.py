@@ -43,17 +43,28 @@ def _run(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, tokens[:, ids.shape[1] :]
 
 
-def _layout(config, state, ids, reference, world: int, t: int, hosts: int, rank: int) -> None:
+def _sharded(config, world: int, t: int, state, hosts=None):
+    """This rank's shard of a meta-device model for layout (world, t), read from ``state``; (model, groups)."""
     from transformers import DeepseekV4ForCausalLM
 
     from flagcx.models.deepseek_v4 import parallelize
 
-    size = dist.get_world_size()
-    host_of = [r // (size // hosts) for r in range(size)]
-    groups = init_tp_groups(world, t, o_groups=config.o_groups, hosts=host_of)
+    groups = init_tp_groups(world, t, o_groups=config.o_groups, hosts=hosts)
     with torch.device("meta"):
         model = DeepseekV4ForCausalLM(config).eval()
     parallelize(model, groups, state_dict=state)
+    return model, groups
+
+
+def _destroy(groups) -> None:
+    for pg in (groups.tp, groups.ogroup_tp, groups.ogroup_replica, groups.dp):
+        if pg is not None:
+            dist.destroy_process_group(pg)
+
+
+def _layout(config, state, ids, reference, world: int, t: int, hosts: int) -> None:
+    size = dist.get_world_size()
+    model, groups = _sharded(config, world, t, state, hosts=[r // (size // hosts) for r in range(size)])
     _check_bytes(model, state, world, t)
     logits, tokens = _run(model, ids)
     _check_traffic(model, groups, config, ids)
@@ -62,29 +73,20 @@ def _layout(config, state, ids, reference, world: int, t: int, hosts: int, rank:
     bound = TOLERANCE * ref_logits.abs().max().item()
     assert err <= bound, f"W={world} t={t} hosts={hosts}: max logit error {err:.3g} > {bound:.3g}"
     assert torch.equal(tokens, ref_tokens), f"W={world} t={t} hosts={hosts}: tokens {tokens.tolist()} != {ref_tokens.tolist()}"
-    for pg in (groups.tp, groups.ogroup_tp, groups.ogroup_replica, groups.dp):
-        if pg is not None:
-            dist.destroy_process_group(pg)
+    _destroy(groups)
 
 
 def _from_safetensors(config, path: str, ids: torch.Tensor, ref_logits: torch.Tensor) -> None:
     """The parameter conversion from a lazy checkpoint: every rank reads only its slices through get_slice."""
     from safetensors import safe_open
-    from transformers import DeepseekV4ForCausalLM
 
-    from flagcx.models.deepseek_v4 import parallelize
-
-    groups = init_tp_groups(16, 8, o_groups=config.o_groups)
-    with torch.device("meta"):
-        model = DeepseekV4ForCausalLM(config).eval()
     with safe_open(path, "pt") as ckpt:
-        parallelize(model, groups, state_dict=ckpt)
+        model, groups = _sharded(config, 16, 8, ckpt)
     with torch.no_grad():
         logits = model(ids).logits
     err = (logits - ref_logits).abs().max().item()
     assert err <= TOLERANCE * ref_logits.abs().max().item(), f"max logit error {err:.3g} from the safetensors checkpoint"
-    for pg in (groups.tp, groups.ogroup_tp, groups.ogroup_replica):
-        dist.destroy_process_group(pg)
+    _destroy(groups)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(os.path.dirname(path))
@@ -149,7 +151,7 @@ def v4_layouts(rank: int, size: int) -> Iterable[Check]:
     yield "W=16,t=8 read shard by shard from safetensors", lambda: _from_safetensors(config, path, ids, reference[0])
     for world, t in LAYOUTS:
         for hosts in HOSTS:
-            yield f"W={world},t={t},hosts={hosts}", lambda w=world, tt=t, h=hosts: _layout(config, state, ids, reference, w, tt, h, rank)
+            yield f"W={world},t={t},hosts={hosts}", lambda w=world, tt=t, h=hosts: _layout(config, state, ids, reference, w, tt, h)
     yield "invalid layouts", lambda: _invalid(config)
     yield "destroy", dist.destroy_process_group
 

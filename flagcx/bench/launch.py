@@ -112,7 +112,7 @@ def launch(opts: Options) -> int:
     from ..launch import LaunchError, LaunchInterrupted, spawn
 
     try:
-        codes = spawn(_spawned_rank, nproc, (opts,), env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        codes = spawn(_spawned_rank, nproc, (opts,))  # spawn gives ranks OMP_NUM_THREADS=1 unless it is set
     except LaunchInterrupted as exc:
         print(f"flagcx-bench: {exc}", file=sys.stderr)
         return 128 + exc.signum

@@ -40,6 +40,7 @@ up to the cache implementation (transformers' dynamic cache grows).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Optional
 
 import torch
@@ -220,15 +221,6 @@ class _ExpertParallelMoe:
         return out.view(batch, seq, hidden)
 
 
-def _bind(module: nn.Module, forward) -> None:
-    """Give one module instance a new forward, keeping its class, parameters and names."""
-    inner = module.forward
-    if isinstance(forward, _BlockAttention):
-        module.forward = lambda hidden_states, **kwargs: forward(module, inner, hidden_states, **kwargs)
-    else:
-        module.forward = lambda hidden_states, input_ids=None: forward(module, hidden_states, input_ids)
-
-
 def parallelize(model: nn.Module, groups: TPGroups, state_dict: Any = None, device: Optional[torch.device] = None) -> nn.Module:
     """Make ``model`` (a DeepseekV4ForCausalLM) this rank's shard of ``groups``' layout; see the module docstring.
 
@@ -242,8 +234,8 @@ def parallelize(model: nn.Module, groups: TPGroups, state_dict: Any = None, devi
     config = model.config
     plan = groups.plan
     check_layout(config, plan.tp, plan.ogroup_tp)
-    p = groups.placement
-    shards = Shards(config, plan.tp, p.tp_rank, p.ogroups)
+    me = groups.placement
+    shards = Shards(config, plan.tp, me.tp_rank, me.ogroups)
     meta = any(p.is_meta for p in model.parameters())
     if meta and state_dict is None:
         raise invalid(OP, groups.rank, "state_dict", "is required for a model on the meta device", "pass the checkpoint's tensors (a dict or safetensors' safe_open handle)")
@@ -260,10 +252,11 @@ def parallelize(model: nn.Module, groups: TPGroups, state_dict: Any = None, devi
         attn.num_heads = local_heads
         attn.num_key_value_groups = local_heads
         attn.o_a_proj.n_groups = local_groups
-        _bind(attn, _BlockAttention(groups, traffic))
+        # instance forwards: the class, parameters and checkpoint names stay transformers'
+        attn.forward = functools.partial(_BlockAttention(groups, traffic), attn, attn.forward)
         moe = layer.mlp
         moe.experts.num_experts = shards.experts.stop - shards.experts.start
-        _bind(moe, _ExpertParallelMoe(groups, shards.experts, traffic))
+        moe.forward = functools.partial(_ExpertParallelMoe(groups, shards.experts, traffic), moe)
     for mod_name, module in model.named_modules():
         for leaf, param in list(module.named_parameters(recurse=False)):
             name = f"{mod_name}.{leaf}" if mod_name else leaf
