@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -170,7 +171,7 @@ def test_pattern_results_are_exact_in_the_dtype(dtype, n):
         assert all(torch.equal(a.to(torch.int64), v) for a, v in zip(as_dtype, inputs)), f"{op}: input not exact"
         got = _reduce_in_dtype(as_dtype, op, n)
         want = p.reduced(5, 997, rep=3)
-        assert data.count_wrong(got, want) == 0, f"{dtype} {op} n={n}"
+        assert data.count_wrong(got, data.Reference.exact(want)) == 0, f"{dtype} {op} n={n}"
         assert len(set(want.tolist())) > 1, f"{dtype} {op} n={n}: degenerate data"
 
 
@@ -211,18 +212,49 @@ def test_expected_matches_a_hand_simulation(name):
             assert name in ("reduce", "gather") and r != root
             continue
         assert data.count_wrong(outs[r], want) == 0, f"{name} rank {r}"
+        assert torch.equal(want.materialize(), outs[r].to(torch.int64))
         assert data.count_wrong(outs[(r + 1) % n], want) > 0 or name in ("allreduce", "allgather", "broadcast", "reduce", "gather")
 
 
 def test_count_wrong_counts_elements():
-    want = torch.arange(10)
-    got = want.to(torch.float32).clone()
+    want = data.Reference.exact(torch.arange(10))
+    got = torch.arange(10, dtype=torch.float32)
     assert data.count_wrong(got, want) == 0
     got[3] = 99
     got[7] = float("nan")
     assert data.count_wrong(got, want) == 2
     assert data.count_wrong(got[:4], want) == 10
     assert data.count_wrong(got, None) == 0
+
+
+def _direct_values(p: data.Pattern, rank: int, idx: torch.Tensor, rep: int) -> torch.Tensor:
+    """The input formula evaluated element by element (no period), as the reference for the tables."""
+    if p.op == "prod":
+        return torch.where((idx + rank) % p.n < (idx + rep) % (p.twos + 1), 2, 1)
+    v = (idx * 7 + rank * 13 + idx * rank + rep * 5) % (p.top + 1)
+    return v * p.n if p.op == "avg" else v
+
+
+@pytest.mark.parametrize("op", [*OPS, "none"])
+def test_periodic_fill_and_compare_across_chunks(op, monkeypatch):
+    """Chunked fill and compare agree with the formula at every phase, across chunk edges, at any start."""
+    monkeypatch.setattr(data, "CHUNK", 37)
+    n, start, numel = 5, 1234567, 4099
+    p = data.Pattern(torch.int8 if op == "none" else torch.float16, op, n)
+    idx = torch.arange(start, start + numel)
+    for r in range(n):
+        assert torch.equal(p.values(r, start, numel, rep=4), _direct_values(p, r, idx, 4))
+    coll = COLLECTIVES["allgather" if op == "none" else "reducescatter"]
+    bufs = allocate(coll, numel, 2, n, p.dtype, torch.device("cpu"), False)
+    data.fill(bufs, p, 2, rep=4)
+    assert torch.equal(bufs.send.to(torch.int64), _direct_values(p, 2, torch.arange(bufs.send.numel()), 4))
+    want = data.expected(coll, p, 2, 0, numel, rep=4)
+    assert want is not None and want.numel == bufs.recv.numel()
+    exact = want.materialize()
+    got = exact.to(p.dtype)
+    assert data.count_wrong(got, want) == 0
+    got[::97] += 1
+    assert data.count_wrong(got, want) == len(range(0, got.numel(), 97))
 
 
 # ----------------------------------------------------------------------------- the text layout
@@ -235,21 +267,26 @@ HEADER = [
 ]
 
 
-def test_header_is_nccl_tests_exactly():
-    assert report.header() == HEADER
+def test_header_is_nccl_tests_then_the_spread_columns():
+    ours = report.header()
+    assert [line[: len(theirs)] for line, theirs in zip(ours, HEADER)] == HEADER
+    assert ours[1].endswith("in-place           spread (%)")
+    assert ours[2].endswith("#wrong     oop      ip")
 
 
-def test_row_matches_nccl_tests_printf():
-    row = Row(8, 2, "float", "sum", -1, Timing(10.52, 0.0, 0.0, 0), Timing(10.30, 0.0, 0.0, 0))
-    assert report.row_line(row) == "           8             2     float     sum      -1    10.52    0.00    0.00       0    10.30    0.00    0.00       0"
+def test_row_matches_nccl_tests_printf_then_spreads():
+    row = Row(8, 2, "float", "sum", -1, Timing(10.52, 0.0, 0.0, 0, [10.0, 10.52, 11.0]), Timing(10.30, 0.0, 0.0, 0, [10.3, 30.0, 10.3]))
+    assert report.row_line(row) == (
+        "           8             2     float     sum      -1    10.52    0.00    0.00       0    10.30    0.00    0.00       0      10     191"
+    )
     big = Row(134217728, 33554432, "bfloat16", "avg", 3, Timing(1709.3, 78.52, 314.1, 12), Timing(123456.7, 1.087, 0.5, 0))
     assert (
         report.row_line(big)
-        == "   134217728      33554432  bfloat16     avg       3  1709.30   78.52  314.10      12   123457    1.09    0.50       0"
+        == "   134217728      33554432  bfloat16     avg       3  1709.30   78.52  314.10      12   123457    1.09    0.50       0       0       0"
     )
     no_check = Row(64, 16, "int32", "none", 0, Timing(5.0, 0.01, 0.02, None), None)
     line = report.row_line(no_check)
-    assert line == "          64            16     int32    none       0     5.00    0.01    0.02    N/A      N/A     N/A     N/A     N/A"
+    assert line == "          64            16     int32    none       0     5.00    0.01    0.02    N/A      N/A     N/A     N/A     N/A       0     N/A"
     na = report.row_line(Row(64, 16, "int32", "none", 0, Timing(5.0, 0.01, 0.02, 0), None))
     assert len(na) == len(report.row_line(Row(64, 16, "int32", "none", 0, Timing(5.0, 0.01, 0.02, 0), Timing(5.0, 0.01, 0.02, 0))))
     bad = report.row_line(Row(64, 16, "uint32", "sum", -1, unsupported="gloo has no uint32"))
@@ -282,6 +319,57 @@ def _run(rows, backend="flagcx") -> Run:
     return Run("allreduce", "all_reduce_perf", backend, f"{backend} test", 2, 20, rows)
 
 
+def test_spread_statistics_and_noise_warning():
+    quiet = Timing(10.0, 1.0, 1.0, 0, [10.0, 9.8, 10.1, 10.2, 9.9, 10.0, 10.3, 10.0, 9.9, 10.1])
+    assert quiet.min_us == 9.8 and quiet.p90_us == 10.2 and quiet.spread == pytest.approx(0.04) and not quiet.noisy
+    busy = Timing(10.0, 1.0, 1.0, 0, [10.0] * 8 + [3400.0, 3400.0])
+    assert busy.p90_us == 3400.0 and busy.noisy
+    assert report.noise_warning(Row(8, 2, "float", "sum", -1, quiet, quiet)) == []
+    (line,) = report.noise_warning(Row(8, 2, "float", "sum", -1, quiet, busy))
+    assert line.startswith("# warning: 8 B: in-place calls took 10 to 3.4e+03 us (min to p90)") and "out-of-place" not in line
+    run = _run([Row(8, 2, "float", "sum", -1, quiet, busy), Row(16, 4, "float", "sum", -1, quiet, None)])
+    assert report.footer(run)[2] == "# Noisy rows           : 1 of 2 rows (spread over 50%)"
+
+
+def test_load_average_line():
+    assert report.load_line((0.25, 0.5, 1.0), 2) == "# Load average 0.25 0.50 1.00 (1, 5, 15 min) on 2 cpus"
+    assert report.load_line((3.1, 2.0, 1.0), 2).endswith("on 2 cpus  (busy: timings may be noisy)")
+    assert report.load_line((0.0, 0.0, 0.0), 2, 4).endswith("on 2 cpus, 4 ranks on this host (oversubscribed: small sizes time the scheduler)")
+    lines = report.preamble("all_reduce_perf", "# v", 8, 64, 8, 1, 1, 20, 1, 0, [], (0.25, 0.5, 1.0), 2)
+    assert lines[-1] == report.load_line((0.25, 0.5, 1.0), 2)
+
+
+def test_version_line_says_unused_for_libraries_the_run_does_not_use():
+    from flagcx.bench.sysinfo import version_line, versions
+
+    info = versions(["flagcx"], "cpu")
+    assert info["nccl"] is None and info["mpi"] is None
+    assert version_line(info).endswith("nccl=unused mpi=unused")
+    assert version_line({**info, "mpi": "MPICH 4.3"}).endswith("nccl=unused mpi=MPICH 4.3")
+
+
+def test_only_e_or_only_b_takes_the_other_default_along():
+    o = parse(["all", "-e", "1M"])
+    assert (o.min_bytes, o.max_bytes, o.sizes) == (1 << 20, 1 << 20, [1 << 20]) and "-b defaults to 32M" in o.notes[0]
+    o = parse(["allreduce", "-b", "64M"])
+    assert (o.min_bytes, o.max_bytes) == (64 << 20, 64 << 20) and "-e defaults to 32M" in o.notes[0]
+    o = parse(["allreduce", "-e", "64M"])
+    assert (o.min_bytes, o.max_bytes, o.notes) == (32 << 20, 64 << 20, [])
+    assert parse(["allreduce"]).sizes == [32 << 20]
+
+
+def test_memory_refusal_names_the_need_and_what_fits(monkeypatch):
+    from flagcx.bench import memory
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(memory, "host_available", lambda: 16 << 30)
+    assert memory.problem(1 << 30, 4, cpu) is None  # 4 x (3 GiB + 256 MiB) = 13 GiB
+    text = memory.problem(8 << 30, 4, cpu)
+    assert text is not None and text.startswith("-e 8G with 4 rank(s) on this host needs about 97G of memory")
+    assert "but 16G is available; lower -e to 1G or less, or run fewer ranks per host" in text
+    assert memory.problem(8 << 30, 64, cpu).endswith("; run fewer ranks per host")
+
+
 def test_footer_and_average_of_printed_busbw():
     rows = [
         Row(8, 2, "float", "sum", -1, Timing(10, 1.0, 1.0, 0), Timing(10, 2.0, 2.0, 0)),
@@ -290,7 +378,7 @@ def test_footer_and_average_of_printed_busbw():
     ]
     run = _run(rows)
     assert run.avg_busbw() == 2.0
-    assert report.footer(run) == ["# Out of bounds values : 0 OK", "# Avg bus bandwidth    : 2 "]
+    assert report.footer(run) == ["# Out of bounds values : 0 OK", "# Avg bus bandwidth    : 2 "]  # no noisy rows: no third line
     rows[1].out_of_place.wrong = 5
     assert report.footer(run)[0] == "# Out of bounds values : 1 FAILED"
     assert report.conclusion("all_reduce_perf") == ["#", "# Collective test concluded: all_reduce_perf"]
@@ -340,17 +428,33 @@ def test_json_document_and_csv_rows(tmp_path):
     runs = [_run(rows), _run(rows[:1], backend="gloo")]
     dev = report.device_line(0, 1, "h", -1, "cpu", "x")
     info = {"torch": "2.13", "flagcx": "0.1.0", "flagcx_commit": "abc1234", "nccl": None, "mpi": "MPICH Version: 5"}
-    doc = export.json_document(runs, {"iterations": 20}, [dev], info, "h", ["allreduce"], "2026-01-02 03:04:05", "2026-01-02 03:04:06")
+    doc = export.json_document(runs, {"iterations": 20}, [dev], info, "h", ["allreduce"], "2026-01-02 03:04:05", "2026-01-02 03:04:06", (0.5, 0.25, 0.125))
     json.dumps(doc)
+    assert doc["backends"] == ["flagcx", "gloo"] and doc["load_average"] == [0.5, 0.25, 0.125]
     assert (doc["backend"], doc["flagcx_commit"], doc["host"], doc["date"], doc["mpi_version"]) == ("flagcx", "abc1234", "h", "2026-01-02", "MPICH Version: 5")
     assert doc["devices"][0]["hostname"] == "h" and doc["config"] == {"iterations": 20}
     r0 = doc["results"][0]
     assert (r0["size"], r0["count"], r0["type"], r0["redop"], r0["root"], r0["actual_iterations"]) == (8, 2, "float", "sum", -1, 20)
-    assert r0["out_of_place"] == {"time": 10, "alg_bw": 1.0, "bus_bw": 1.0, "nwrong": 0, "times_us": [10, 11]}
+    assert r0["out_of_place"] == {
+        "time": 10,
+        "alg_bw": 1.0,
+        "bus_bw": 1.0,
+        "nwrong": 0,
+        "time_min": 10,
+        "time_p90": 11,
+        "spread": pytest.approx(0.1),
+        "times_us": [10, 11],
+    }
     assert doc["results"][1]["in_place"] is None and doc["results"][1]["out_of_place"]["nwrong"] is None
     assert doc["results"][2]["unsupported"] == "no uint32"
+    assert [(r["backend"], r["collective"], r["size"]) for r in doc["results"]] == [
+        ("flagcx", "allreduce", 8),
+        ("flagcx", "allreduce", 16),
+        ("flagcx", "allreduce", 8),
+        ("gloo", "allreduce", 8),
+    ]
     assert doc["out_of_bounds"] == {"count": 0, "okay": True}
-    assert doc["average_bus_bandwidth"]["bandwidth"] == pytest.approx(2.0)
+    assert doc["average_bus_bandwidth"]["bandwidth"] == pytest.approx(1.8)  # every printed busbw of both backends
     assert [r["backend"] for r in doc["runs"]] == ["flagcx", "gloo"]
     path = tmp_path / "r.csv"
     export.write_csv(str(path), runs)
@@ -365,6 +469,7 @@ def test_json_document_and_csv_rows(tmp_path):
         ("gloo", "8", "in-place", "ok"),
     ]
     assert float(got[1]["time_us"]) == 12 and float(got[1]["busbw_gbps"]) == 2.0 and got[1]["wrong"] == "0"
+    assert (float(got[1]["time_min_us"]), float(got[1]["time_p90_us"])) == (12, 13)
     assert got[2]["wrong"] == ""
 
 
@@ -384,7 +489,7 @@ def _tables(stdout: str) -> list[list[str]]:
     """Result rows of each table (a table starts after the header's units line)."""
     tables: list[list[str]] = []
     for line in stdout.splitlines():
-        if line == HEADER[3]:
+        if line == report.header()[3]:
             tables.append([])
         elif ROW.match(line) and tables:
             tables[-1].append(line)
@@ -404,8 +509,8 @@ def test_real_allreduce_sweep_layout():
     assert out[2].startswith("# nThread 1 nGpus 1 minBytes 8 maxBytes 65536 step: 8(factor) warmup iters: 1 iters: 20")
     devices = [line for line in out if line.startswith("#  Rank ")]
     assert [d.split()[2] for d in devices] == ["0", "1"] and all("device -1 [cpu]" in d for d in devices)
-    i = out.index(HEADER[1])
-    assert out[i - 1 : i + 3] == HEADER
+    i = out.index(report.header()[1])
+    assert out[i - 1 : i + 3] == report.header()
     (rows,) = _tables(p.stdout)
     assert [int(_cells(r)[0]) for r in rows] == [8, 64, 512, 4096, 32768]
     for r in rows:
@@ -458,7 +563,7 @@ def test_real_every_collective_two_ranks():
             assert c[3] == ("sum" if coll.reduces else "none"), name
             assert c[8] == "0", name
             if name == "sendrecv":
-                assert c[9:] == ["N/A"] * 4
+                assert c[9:13] == ["N/A"] * 4 and c[14] == "N/A"
             else:
                 assert c[12] == "0", name
     assert p.stdout.count("# Out of bounds values : 0 OK") == len(COLLECTIVES)
@@ -482,6 +587,7 @@ def test_real_compare_with_mpi_and_exports(tmp_path):
     assert all(float(x) > 0 for r in ratios for x in r[5:]), ratios
     doc = json.loads(j.read_text())
     assert [r["backend"] for r in doc["runs"]] == ["flagcx", "gloo", "mpi"] and doc["backend"] == "flagcx"
+    assert [(r["backend"], r["size"]) for r in doc["results"]] == [(b, s) for b in ("flagcx", "gloo", "mpi") for s in (1024, 4096, 16384)]
     assert doc["config"]["nranks"] == 2 and len(doc["devices"]) == 2 and doc["flagcx_version"]
     for run in doc["runs"]:
         assert [r["size"] for r in run["results"]] == [1024, 4096, 16384]
@@ -503,3 +609,41 @@ def test_real_compare_with_mpi_and_exports(tmp_path):
     assert all(math.isfinite(float(r["busbw_gbps"])) and r["wrong"] == "0" for r in rows)
     head = png.read_bytes()[:8]
     assert head == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+PEAK = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
+print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def _peak_rss(*args: str) -> int:
+    """Largest resident size of any rank of one flagcx-bench run, in bytes (the ranks are the wrapper's grandchildren)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLAGCX_TIMEOUT": "60"}
+    out = subprocess.run([sys.executable, "-c", PEAK, sys.executable, "-m", "flagcx.bench", *args], capture_output=True, text=True, timeout=240, env=env)
+    code, peak = out.stdout.split()
+    assert code == "0", out.stderr
+    return int(peak)
+
+
+@pytest.mark.parametrize("coll", ["allreduce", "alltoall"])
+def test_real_peak_memory_is_bounded_by_the_buffers(coll):
+    """A rank's peak at 64 MiB stays within 3x the buffer above its peak at 1 KiB (12x before validation was chunked)."""
+    size = 64 << 20
+    base = _peak_rss(coll, "-b", "1K", "-e", "1K", "-n", "2", "--nproc", "2")
+    peak = _peak_rss(coll, "-b", "64M", "-e", "64M", "-n", "2", "--nproc", "2")
+    assert peak - base <= 3 * size, f"{coll}: peak {peak >> 20} MiB, {(peak - base) / size:.1f}x the buffer above the 1 KiB run's {base >> 20} MiB"
+
+
+def test_real_refusals_come_before_any_rank_starts_work():
+    """A sweep that cannot fit the host's memory, and --device cuda without a GPU, fail at once with the fix."""
+    p = _bench("allreduce", "-b", "8", "-e", "4096G", "--nproc", "1")
+    assert p.returncode == 2 and "# Backend" not in p.stdout, p.stdout
+    assert re.search(r"-e 4096G with 1 rank\(s\) on this host needs about .* is available; lower -e to", p.stderr), p.stderr
+    if torch.cuda.is_available():
+        return
+    t0 = time.monotonic()
+    p = _bench("allreduce", "--device", "cuda", "--nproc", "2")
+    assert p.returncode == 2 and "--device cuda: torch" in p.stderr and "use --device cpu" in p.stderr, p.stderr
+    assert time.monotonic() - t0 < 8, "spawned ranks before finding there is no GPU"

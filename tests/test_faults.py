@@ -17,7 +17,9 @@ integration runs on 2 GPUs (marked gpu).
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import glob
 import importlib.util
 import json
 import os
@@ -208,6 +210,7 @@ def test_faults_mpi(tmp_path):
     launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "FLAGCX_LAUNCHER")
     env = {k: v for k, v in os.environ.items() if k not in launch_vars and not k.startswith("FLAGCX_")}
     env.update(FAULT_MODE="mpi", FAULT_TIMEOUT=str(TIMEOUT), FAULT_DIR=str(tmp_path), FLAGCX_CPU_ADAPTER="mpi", OMP_NUM_THREADS="1")
+    mpich_segments = set(glob.glob("/dev/shm/mpich_shm_*"))
     proc = subprocess.Popen(
         [_mpiexec(), "-n", "4", sys.executable, "-m", "tests.fault_rank"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -217,6 +220,11 @@ def test_faults_mpi(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        # MPICH unlinks its node segment at MPI_Finalize; a job whose rank died by SIGKILL never
+        # gets there and leaves /dev/shm/mpich_shm_* behind: remove what this job created.
+        for leftover in set(glob.glob("/dev/shm/mpich_shm_*")) - mpich_segments:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
     ended = time.time()
     assert (tmp_path / "victim3.json").exists(), f"rank 3 never reached its SIGKILL; mpiexec output:\n{output[-4000:]}"
     killed = _load(tmp_path, "victim3.json")["killed_at"]

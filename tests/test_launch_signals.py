@@ -138,3 +138,17 @@ def test_bench_rows_are_clean_in_a_terminal():
     assert len(rows) == 4, _screen(raw)  # 8, 64, 512, 4096 bytes
     bad = [line for line in _screen(raw) if "[flagcx-bench" in line]
     assert not bad, f"progress text left on screen: {bad}"
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "flagcx.launch"])
+def test_backend_flagcx_needs_no_import_under_either_launcher(launcher):
+    """torch imports flagcx through its ``torch.backends`` entry point, so torchrun behaves like flagcx.launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
+    env.update(FLAGCX_TIMEOUT="60", OMP_NUM_THREADS="1")
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "tests/no_import_job.py"]
+    else:
+        cmd = [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "tests/no_import_job.py"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(re.findall(r"rank \d: all_reduce ok", p.stdout)) == ["rank 0: all_reduce ok", "rank 1: all_reduce ok"]

@@ -91,6 +91,21 @@ def _bad_root(opts: Options, size: int) -> Optional[str]:
     return None
 
 
+def _no_gpus(opts: Options, nproc: int) -> Optional[str]:
+    """Before spawning: --device cuda needs a GPU per local rank (checked in this process, without a CUDA context)."""
+    if opts.device != "cuda":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__} has no CUDA" if torch.version.cuda is None else f"torch {torch.__version__} finds no GPU"
+        return f"--device cuda: {build} on this machine; use --device cpu"
+    count = torch.cuda.device_count()
+    if nproc > count:
+        return f"--device cuda: --nproc {nproc} needs a GPU per rank but {count} are visible; use --nproc {count} or less"
+    return None
+
+
 def launch(opts: Options) -> int:
     """Run the benchmark in whatever rank layout the environment and flags ask for."""
     env = detect_launch_env()
@@ -106,6 +121,9 @@ def launch(opts: Options) -> int:
             return _fail(f"--nproc {opts.nproc} but {env.launcher} started {env.size} ranks; drop --nproc under a launcher")
         return _rank(opts, env)
     nproc = opts.nproc or 1
+    problem = _no_gpus(opts, nproc)
+    if problem:
+        return _fail(problem)
     if nproc == 1:
         store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=opts.timeout))
         return _rank(opts, LaunchEnv(0, 1, 0, 1, "local"), store)

@@ -144,6 +144,21 @@ class Options:
     csv_path: Optional[str]
     plot_path: Optional[str]
     argv: list[str]
+    notes: list[str]
+    """What the sweep took in place of the user's flags (printed as '# note:' lines in the report)."""
+
+
+DEFAULT_BYTES = 32 << 20
+"""nccl-tests' default -b and -e."""
+
+
+def _size_range(min_bytes: Optional[int], max_bytes: Optional[int]) -> tuple[int, int, list[str]]:
+    """(-b, -e) with nccl-tests' 32M defaults; a default that would cross the one the user gave follows it."""
+    if min_bytes is None and max_bytes is not None and max_bytes < DEFAULT_BYTES:
+        return max_bytes, max_bytes, [f"-b defaults to 32M, above -e {max_bytes}: sweeping -b {max_bytes} (give -b for a range)"]
+    if max_bytes is None and min_bytes is not None and min_bytes > DEFAULT_BYTES:
+        return min_bytes, min_bytes, [f"-e defaults to 32M, below -b {min_bytes}: sweeping -e {min_bytes} (give -e for a range)"]
+    return DEFAULT_BYTES if min_bytes is None else min_bytes, DEFAULT_BYTES if max_bytes is None else max_bytes, []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("collective", metavar="COLLECTIVE", help="what to benchmark (" + names + ", or all)")
-    p.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("32M"), help="smallest size (K/M/G suffixes; default 32M)")
-    p.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("32M"), help="largest size (default 32M)")
+    p.add_argument("-b", "--minbytes", type=parse_size, default=None, help="smallest size (K/M/G suffixes; default 32M, or -e when only -e is given and smaller)")
+    p.add_argument("-e", "--maxbytes", type=parse_size, default=None, help="largest size (default 32M, or -b when only -b is given and larger)")
     p.add_argument("-i", "--stepbytes", type=parse_size, default=parse_size("1M"), help="size increment when -f is not given (default 1M)")
     p.add_argument("-f", "--stepfactor", type=_positive, default=1, help="multiply the size by this factor (e.g. 2); overrides -i")
     p.add_argument("-n", "--iters", type=_positive, default=20, help="timed iterations per size (default 20)")
@@ -194,8 +209,9 @@ def parse(argv: Sequence[str]) -> Options:
         parser.error(str(exc))
     if len(set(backends)) != len(backends):
         parser.error(f"--compare lists a backend twice: {ns.compare}")
+    min_bytes, max_bytes, notes = _size_range(ns.minbytes, ns.maxbytes)
     try:
-        sizes = size_list(ns.minbytes, ns.maxbytes, ns.stepfactor, ns.stepbytes)
+        sizes = size_list(min_bytes, max_bytes, ns.stepfactor, ns.stepbytes)
     except ValueError as exc:
         parser.error(str(exc))
     if ns.root < -1:
@@ -217,8 +233,8 @@ def parse(argv: Sequence[str]) -> Options:
     return Options(
         collectives=collectives,
         sizes=sizes,
-        min_bytes=ns.minbytes,
-        max_bytes=ns.maxbytes,
+        min_bytes=min_bytes,
+        max_bytes=max_bytes,
         step_factor=ns.stepfactor,
         step_bytes=ns.stepbytes,
         iters=ns.iters,
@@ -236,4 +252,5 @@ def parse(argv: Sequence[str]) -> Options:
         csv_path=ns.csv_path,
         plot_path=ns.plot_path,
         argv=list(argv),
+        notes=notes,
     )

@@ -1,17 +1,21 @@
 """The text report, in nccl-tests' exact layout (printf formats of nccl-tests src/util.cu).
 
 Pure functions from results to lines, so the layout is unit-testable character by
-character. flagcx-bench additions are comment lines: the '# Backend:' title above each
-table and, with --compare, a ratio table after the last one.
+character. flagcx-bench additions keep nccl-tests' columns where they are: a load-average
+comment in the preamble, the '# Backend:' title above each table, two spread columns
+appended after the in-place block (``(p90 - min) / median`` of the per-call times, in %),
+a '# warning:' comment under a row whose spread says its median is not to be trusted,
+and, with --compare, a ratio table after the last one.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .results import Row, Run, Timing
+from .results import NOISY, Row, Run, Timing
 
 _MODE_NA = "  %7s  %6s  %6s  %6s" % ("N/A", "N/A", "N/A", "N/A")
+_SPREAD = "  %6s  %6s"
 
 
 def fmt_num(value: float, width: int) -> str:
@@ -44,10 +48,13 @@ def preamble(
     check: int,
     graph: int,
     device_lines: Sequence[str],
+    load: Optional[tuple[float, float, float]] = None,
+    cpus: int = 0,
+    local_ranks: int = 1,
 ) -> list[str]:
-    """The lines before the first table (nccl-tests writeDeviceReport)."""
+    """The lines before the first table (nccl-tests writeDeviceReport, then the host's load average)."""
     step, kind = (step_factor, "factor") if step_factor > 1 else (step_bytes, "bytes")
-    return [
+    lines = [
         version_line,
         f"# Collective test starting: {program}",
         f"# nThread 1 nGpus 1 minBytes {min_bytes} maxBytes {max_bytes} step: {step}({kind}) "
@@ -56,6 +63,19 @@ def preamble(
         "# Using devices",
         *device_lines,
     ]
+    if load is not None:
+        lines.append(load_line(load, cpus, local_ranks))
+    return lines
+
+
+def load_line(load: tuple[float, float, float], cpus: int, local_ranks: int = 1) -> str:
+    """Rank 0 host's load average when the table starts (the ranks themselves are idle then) and any oversubscription."""
+    line = "# Load average %.2f %.2f %.2f (1, 5, 15 min) on %d cpus" % (*load, cpus)
+    if cpus and local_ranks > cpus:
+        line += f", {local_ranks} ranks on this host (oversubscribed: small sizes time the scheduler)"
+    if cpus and load[0] >= 0.5 * cpus:
+        line += "  (busy: timings may be noisy)"
+    return line
 
 
 def device_line(rank: int, pid: int, hostname: str, device: int, bus: str, name: str) -> str:
@@ -66,12 +86,12 @@ def device_line(rank: int, pid: int, hostname: str, device: int, bus: str, name:
 def header() -> list[str]:
     """The out-of-place / in-place column header (nccl-tests writeResultHeader, default mode)."""
     blank = ("", "", "", "", "")
-    cols = "# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s  %6s  %7s  %6s  %6s  %6s %s"
+    cols = "# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s  %6s  %7s  %6s  %6s  %6s  %6s  %6s"
     return [
         "#",
-        "# %10s  %12s  %8s  %6s  %6s           out-of-place                       in-place          " % blank,
-        cols % ("size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", ""),
-        cols % ("(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", ""),
+        "# %10s  %12s  %8s  %6s  %6s           out-of-place                       in-place           spread (%%)" % blank,
+        cols % ("size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", "oop", "ip"),
+        cols % ("(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", "", ""),
     ]
 
 
@@ -84,12 +104,25 @@ def _mode(t: Optional[Timing]) -> str:
     return head + "  %6g" % t.wrong
 
 
+def _spread(t: Optional[Timing]) -> str:
+    return "N/A" if t is None else "%.0f" % (100 * t.spread)
+
+
 def row_line(row: Row) -> str:
-    """One result line (nccl-tests writeBenchmarkLinePreamble + two writeBenchmarkLineBody)."""
+    """One result line (nccl-tests writeBenchmarkLinePreamble + two writeBenchmarkLineBody), then the spreads."""
     start = "%12d  %12d  %8s  %6s  %6s" % (row.size, row.count, row.type, row.redop, "%6d" % row.root)
     if row.unsupported is not None:
         return f"{start}  not supported: {row.unsupported}"
-    return start + _mode(row.out_of_place) + _mode(row.in_place)
+    return start + _mode(row.out_of_place) + _mode(row.in_place) + _SPREAD % (_spread(row.out_of_place), _spread(row.in_place))
+
+
+def noise_warning(row: Row) -> list[str]:
+    """A comment under a row whose per-call times spread too far for its median to be trusted."""
+    noisy = [(name, t) for name, t in (("out-of-place", row.out_of_place), ("in-place", row.in_place)) if t is not None and t.noisy]
+    if not noisy:
+        return []
+    parts = [f"{name} calls took {t.min_us:.3g} to {t.p90_us:.3g} us (min to p90)" for name, t in noisy]
+    return [f"# warning: {row.size} B: {'; '.join(parts)}: spread over {100 * NOISY:.0f}% of the median, do not trust it (busy machine? more -n?)"]
 
 
 def backend_title(description: str) -> list[str]:
@@ -99,10 +132,14 @@ def backend_title(description: str) -> list[str]:
 def footer(run: Run) -> list[str]:
     """'# Out of bounds values' and '# Avg bus bandwidth' (nccl-tests writeResultFooter)."""
     errors = run.out_of_bounds()
-    return [
+    lines = [
         "# %-20s : %d %s" % ("Out of bounds values", errors, "FAILED" if errors else "OK"),
         "# %-20s : %g %s" % ("Avg bus bandwidth", run.avg_busbw(), ""),
     ]
+    noisy = sum(1 for r in run.rows if any(t.noisy for t in r.timings()))
+    if noisy:
+        lines.append("# %-20s : %d of %d rows (spread over %.0f%%)" % ("Noisy rows", noisy, len(run.rows), 100 * NOISY))
+    return lines
 
 
 def conclusion(program: str) -> list[str]:

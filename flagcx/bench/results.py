@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+NOISY = 0.5
+"""A mode whose spread exceeds this is flagged: its median is not to be trusted (see Timing.spread)."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
 
 
 @dataclass
@@ -19,6 +29,23 @@ class Timing:
     """Wrong elements summed over ranks; None when validation is off (-c 0)."""
     times_us: list[float] = field(default_factory=list)
     """Per call (or per graph replay, per op), the slowest rank's time."""
+
+    @property
+    def min_us(self) -> float:
+        return min(self.times_us) if self.times_us else self.time_us
+
+    @property
+    def p90_us(self) -> float:
+        return percentile(self.times_us, 90) if self.times_us else self.time_us
+
+    @property
+    def spread(self) -> float:
+        """(p90 - min) / median of the per-call times: 0.05 is a quiet machine, > NOISY a number not to trust."""
+        return (self.p90_us - self.min_us) / self.time_us if self.time_us > 0 else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY
 
 
 @dataclass

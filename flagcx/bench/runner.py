@@ -10,6 +10,7 @@ warm-up, the timed loop (:mod:`flagcx.bench.timing`), then validation.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable, Optional, Union
@@ -19,13 +20,13 @@ import torch.distributed as dist
 
 from ..bootstrap import LaunchEnv, store_allgather, store_from_env
 from ..errors import FlagcxError, InvalidArgument
-from . import data, report, timing
+from . import data, memory, report, timing
 from .backends import Backend, make_backend
 from .colls import COLLECTIVES, Collective, allocate
 from .control import Control
 from .options import DTYPES, Options
 from .results import Row, Run, Timing
-from .sysinfo import describe_device, hostname, version_line, versions
+from .sysinfo import describe_device, hostname, load_average, version_line, versions
 
 
 class Progress:
@@ -92,6 +93,8 @@ class Sweep:
                 run.rows.append(row)
                 self.progress.clear()  # a terminal shows stderr and stdout on one line: no leftover before the row
                 self.emit(report.row_line(row))
+                for line in report.noise_warning(row):
+                    self.emit(line)
                 if row.unsupported is not None:
                     break
         self.progress.clear()
@@ -219,14 +222,18 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
             emit(line)
 
     start = time.strftime("%Y-%m-%d %H:%M:%S")
+    load = load_average()
     raw = store_allgather(store, "devices", rank, size, describe_device(rank, device).encode(), opts.timeout, "flagcx-bench device report")
     device_lines = [r.decode() for r in raw]
     control = Control(store, rank, size, opts.timeout)
     backends: list[Backend] = []
     try:
+        too_big = memory.problem(opts.max_bytes, env.local_size, device)
+        if control.any(too_big is not None):  # every rank refuses, before any backend starts
+            raise InvalidArgument(too_big or "the sweep does not fit the memory of another rank's host or GPU")
         for name in opts.backends:
             backends.append(make_backend(name, store, rank, size, device, opts.timeout))
-        info = versions(opts.backends)
+        info = versions(opts.backends, opts.device)
         sweep = Sweep(opts, rank, size, device, control, emit, Progress(lead))
         runs: list[Run] = []
         for coll_name in opts.collectives:
@@ -244,8 +251,12 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
                     opts.check,
                     opts.graph_replays,
                     device_lines,
+                    load,
+                    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+                    env.local_size,
                 )
             )
+            emit_all([f"# note: {note}" for note in opts.notes])
             coll_runs = []
             for backend in backends:
                 emit_all(report.backend_title(f"{backend.describe()}, {size} rank(s) on {opts.device}"))
@@ -258,7 +269,7 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
             emit_all(report.conclusion(coll.program))
             runs.extend(coll_runs)
         if lead:
-            _write_outputs(opts, runs, device_lines, info, start, size)
+            _write_outputs(opts, runs, device_lines, info, start, size, load)
         return 1 if any(r.out_of_bounds() for r in runs) else 0
     finally:
         for backend in backends:
@@ -266,18 +277,23 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
         control.close()
 
 
-def _write_outputs(opts: Options, runs: list[Run], device_lines: list[str], info: dict, start: str, size: int) -> None:
+def _write_outputs(
+    opts: Options, runs: list[Run], device_lines: list[str], info: dict, start: str, size: int, load: Optional[tuple[float, float, float]]
+) -> None:
     from . import export
 
     end = time.strftime("%Y-%m-%d %H:%M:%S")
     if opts.json_path:
         import json
 
-        doc = export.json_document(runs, _config(opts, size), device_lines, info, hostname(), opts.argv, start, end)
+        doc = export.json_document(runs, _config(opts, size), device_lines, info, hostname(), opts.argv, start, end, load)
         with open(opts.json_path, "w") as f:
             json.dump(doc, f, indent=1)
     if opts.csv_path:
         export.write_csv(opts.csv_path, runs)
     if opts.plot_path:
-        title = f"{', '.join(opts.collectives)}: {size} rank(s) on {opts.device}"
-        export.write_plot(opts.plot_path, runs, title)
+        names = sorted({export.device_dict(line).get("device_info", "?") for line in device_lines})
+        title = f"flagcx-bench {', '.join(opts.collectives)}: {size} rank(s) on {opts.device} ({'; '.join(names)})"
+        commit = f", commit {info['flagcx_commit']}" if info.get("flagcx_commit") else ""
+        caption = f"{start} on {hostname()}{commit}; backends: {', '.join(opts.backends)}; median of {opts.iters} calls per point"
+        export.write_plot(opts.plot_path, runs, title, caption)

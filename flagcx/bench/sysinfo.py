@@ -37,8 +37,8 @@ def nccl_version() -> Optional[str]:
     return ".".join(str(v) for v in torch.cuda.nccl.version())
 
 
-def versions(backends: list[str]) -> dict[str, Optional[str]]:
-    """What ran: torch, flagcx (+ commit), NCCL and MPI where known."""
+def versions(backends: list[str], device: str) -> dict[str, Optional[str]]:
+    """What ran: torch, flagcx (+ commit), and NCCL and MPI where this run uses them (None where it does not)."""
     from .. import __version__
 
     mpi = None
@@ -50,17 +50,17 @@ def versions(backends: list[str]) -> dict[str, Optional[str]]:
         "torch": torch.__version__,
         "flagcx": __version__,
         "flagcx_commit": flagcx_commit(),
-        "nccl": nccl_version(),
+        "nccl": nccl_version() if device == "cuda" else None,
         "mpi": mpi,
     }
 
 
 def version_line(info: dict[str, Optional[str]]) -> str:
-    """The first preamble line (in place of nccl-tests' '# nccl-tests version ...')."""
+    """The first preamble line (in place of nccl-tests' '# nccl-tests version ...'); a library this run does not use reads 'unused'."""
     commit = f" (commit {info['flagcx_commit']})" if info.get("flagcx_commit") else ""
     return (
         f"# flagcx-bench version {info['flagcx']}{commit} torch={info['torch']} "
-        f"nccl={info.get('nccl') or 'N/A'} mpi={info.get('mpi') or 'N/A'}"
+        f"nccl={info.get('nccl') or 'unused'} mpi={info.get('mpi') or 'unused'}"
     )
 
 
@@ -74,6 +74,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def load_average() -> Optional[tuple[float, float, float]]:
+    """The host's 1, 5 and 15 minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def hostname() -> str:
