@@ -3,7 +3,8 @@
 A noisy 2-core VM moves single-pass medians by 2x; interleaving whole passes and taking
 the median of each backend's per-pass time (out-of-place and in-place separately) gives
 numbers that hold. Writes ``PREFIX.json`` (every pass plus the summary) and ``PREFIX.md``
-(a table per mode: time per backend, and each backend's time over the first backend's).
+(a table per mode: time per backend with the median over passes of the per-call spread,
+(p90 - min) / median in %, and each backend's time over the first backend's).
 
     python benchmarks/compare_passes.py --passes 3 --out benchmarks/results/NAME -- \\
         allreduce -b 4 -e 64M -f 4 -n 200 -w 20 --nproc 2 --compare flagcx,mpi,gloo
@@ -38,28 +39,34 @@ def run_pass(bench_args: list[str]) -> dict:
 
 
 def summarize(passes: list[dict]) -> dict:
-    """{mode: {size: {backend: median time us}}} over passes."""
-    table: dict[str, dict[int, dict[str, list[float]]]] = {"out_of_place": {}, "in_place": {}}
+    """{mode: {size: {backend: {"time": median time us, "spread": median spread}}}} over passes."""
+    table: dict[str, dict[int, dict[str, list[tuple[float, float]]]]] = {"out_of_place": {}, "in_place": {}}
     for data in passes:
         for run in data["runs"]:
             for row in run["results"]:
                 for mode in table:
                     cell = row.get(mode)
                     if isinstance(cell, dict) and isinstance(cell.get("time"), (int, float)):
-                        table[mode].setdefault(row["size"], {}).setdefault(run["backend"], []).append(cell["time"])
-    return {mode: {size: {b: statistics.median(v) for b, v in by.items()} for size, by in sorted(rows.items())} for mode, rows in table.items()}
+                        table[mode].setdefault(row["size"], {}).setdefault(run["backend"], []).append((cell["time"], cell.get("spread", 0.0)))
+    return {
+        mode: {
+            size: {b: {"time": statistics.median(t for t, _ in v), "spread": statistics.median(sp for _, sp in v)} for b, v in by.items()}
+            for size, by in sorted(rows.items())
+        }
+        for mode, rows in table.items()
+    }
 
 
 def markdown(summary: dict, backends: list[str], header: str) -> str:
     lines = [header, ""]
     base = backends[0]
     for mode, rows in summary.items():
-        lines += [f"### {mode.replace('_', '-')} (median over passes of each pass's median time, us)", ""]
+        lines += [f"### {mode.replace('_', '-')} (median over passes of each pass's median time, us; (spread %))", ""]
         cols = backends + [f"{b}/{base}" for b in backends[1:]]
         lines += ["| size (B) | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
         for size, by in rows.items():
-            cells = [f"{by[b]:.4g}" if b in by else "n/a" for b in backends]
-            cells += [f"{by[b] / by[base]:.2f}" if b in by and base in by else "n/a" for b in backends[1:]]
+            cells = [f"{by[b]['time']:.4g} ({100 * by[b]['spread']:.0f}%)" if b in by else "n/a" for b in backends]
+            cells += [f"{by[b]['time'] / by[base]['time']:.2f}" if b in by and base in by else "n/a" for b in backends[1:]]
             lines.append(f"| {size} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -69,17 +76,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--out", required=True, help="output prefix (writes PREFIX.json and PREFIX.md)")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="PASS.json", help="summarize these --json outputs instead of running passes")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="flagcx-bench arguments after --")
     ns = parser.parse_args()
     args = [a for a in ns.bench_args if a != "--"]
-    passes = [run_pass(args) for _ in range(ns.passes)]
+    if ns.from_json:
+        passes = []
+        for path in ns.from_json:
+            with open(path) as f:
+                passes.append(json.load(f))
+        args = passes[0]["args"]
+        ns.passes = len(passes)
+    else:
+        passes = [run_pass(args) for _ in range(ns.passes)]
     backends = [run["backend"] for run in passes[0]["runs"]]
     summary = summarize(passes)
     meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": passes[0].get("start_time") or datetime.datetime.now().isoformat(timespec="seconds"),
         "host": platform.node(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-        "commit": _commit(),
+        "commit": passes[0].get("flagcx_commit") or _commit(),
         "command": "flagcx-bench " + " ".join(args),
         "passes": ns.passes,
         "ranks": passes[0]["nranks"],
