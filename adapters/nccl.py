@@ -173,6 +173,9 @@ class NcclAdapter(Adapter):
         self._index = index
         self._device = torch.device("cuda", index)
         self._raw_stream = torch._C._cuda_getCurrentRawStream
+        self._capturing = torch._C._cuda_isCurrentStreamCapturing
+        self._record = torch._C._CudaEventBase.record
+        self._streams: dict[int, torch.cuda.Stream] = {}
         self._allreduce = lib.AllReduce
         self._broadcast = lib.Broadcast
         self._reduce = lib.Reduce
@@ -218,14 +221,26 @@ class NcclAdapter(Adapter):
         return self.ctx.label
 
     def _track(self, op: str) -> None:
-        """Record the launch just enqueued on the current stream (nothing inside a group or a graph capture)."""
-        if self._depth or torch.cuda.is_current_stream_capturing():
+        """Record the launch just enqueued on the current stream (nothing inside a group or a graph capture).
+
+        One event per launch (torch's ProcessGroupNCCL records two); finished launches are
+        dropped in batches once 64 are queued, so a launch pays about one event query. The
+        stream is found by its handle (what the launch itself used); a cached torch Stream
+        for a handle records on that very stream, whichever Python object made it current.
+        """
+        if self._depth or self._capturing():
             return
+        raw = self._raw_stream(self._index)
+        stream = self._streams.get(raw)
+        if stream is None:  # one torch Stream object per CUDA stream: building one per launch costs more than the record
+            if len(self._streams) >= 64:
+                self._streams.clear()
+            stream = self._streams[raw] = torch.cuda.current_stream(self._device)
         event = self._spare_events.pop() if self._spare_events else torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self._device))
+        self._record(event, stream)
         with self._watch_lock:
             self._launches.append((time.monotonic(), op, event, True))
-            if len(self._launches) > 32:
+            if len(self._launches) >= 64:
                 self._prune()
 
     def _prune(self) -> None:

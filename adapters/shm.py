@@ -9,8 +9,11 @@ orphan: ``fxs_sweep``). Each collective is a single
 C call (the GIL is released) that returns when this rank's part is done; waits spin,
 yield and then sleep on a futex, watch the peers' pids, and fail with FlagcxTimeout or
 RemoteError naming the late or dead rank. send/recv are posted to a progress thread in
-C and complete asynchronously. After a transport error the adapter only raises;
-``close`` still works.
+C and complete asynchronously. Large copies and reductions of a collective (256 KiB and
+up per step) are split over FLAGCX_SHM_THREADS threads per rank (default: the rank's
+share of the cpus it may run on, at most 8; staging grows to 4 MiB per rank then), since
+one core's memory bandwidth is a fraction of a many-core host's. After a transport error
+the adapter only raises; ``close`` still works.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ SEGMENT_PREFIX = "flagcx-"
 
 DEFAULT_BUFFER = 1 << 20
 """Staging bytes per rank for collectives when FLAGCX_SHM_BUFFER is unset (halves of 512 KiB stay in L2)."""
+
+THREADED_BUFFER = 4 << 20
+"""Staging bytes per rank when rank 0 splits large ops over several threads: each thread's range of a step stays large."""
+
+MAX_THREADS = 8
+"""Default threads per rank at most (FLAGCX_SHM_THREADS unset)."""
+
+
+def default_threads(ranks: int) -> int:
+    """This rank's share of the cpus it may run on, at most MAX_THREADS (1 when ranks fill the cpus)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cpus // max(ranks, 1)))
 
 DEFAULT_P2P_BUFFER = 256 << 10
 """Ring bytes per ordered pair of ranks when FLAGCX_SHM_P2P_BUFFER is unset (less beyond 16 ranks)."""
@@ -150,7 +165,8 @@ class ShmAdapter(Adapter):
         if reason is not None:
             raise BuildError(reason, op="init", rank=ctx.rank)
         cfg = config.get()
-        slot = cfg.shm_buffer or DEFAULT_BUFFER
+        threads = cfg.shm_threads or default_threads(ctx.size)
+        slot = cfg.shm_buffer or (THREADED_BUFFER if threads > 1 else DEFAULT_BUFFER)
         ring = cfg.shm_p2p_buffer or max(16 << 10, min(DEFAULT_P2P_BUFFER, P2P_BUDGET // max(1, ctx.size - 1)))
         what = f"creating the shm transport of {ctx.label}"
         self._c = None
@@ -163,6 +179,7 @@ class ShmAdapter(Adapter):
         self.staging_bytes = int(_lib.fxs_slot_bytes(c))
         self.small_bytes = int(_lib.fxs_small_bytes(c))
         self.ring_bytes = int(_lib.fxs_ring_bytes(c))
+        self.threads = int(_lib.fxs_set_threads(c, threads))
         self._finalizer = weakref.finalize(self, _lib.fxs_close, c, 0)
         self._allreduce = _lib.fxs_allreduce
 

@@ -7,12 +7,20 @@ float32 buffer on its home device through the heterogeneous runner. CPU mode
 r % K), a simulation of the same plans on one host.
 
 Columns (per message size S bytes, n ranks; times are the slowest rank's mean per op):
-- hetero: the hierarchical plan; algbw = S / t, busbw = algbw * 2(n-1)/n (nccl-tests);
+- hetero: ``Communicator.all_reduce`` as users get it: the plan the runner chose for the
+  size (the faster of hierarchical and flat, timed on its first 6 calls, which the
+  default warm-up covers); algbw = S / t, busbw = algbw * 2(n-1)/n (nccl-tests);
 - flat: one allreduce over the host transport of all ranks (GPU ranks copy the whole
   buffer to pinned memory and back), i.e. a host runner without hierarchy;
 - staging bound (GPU mode): 1 / (1/d2h + 1/h2d) with d2h / h2d the pinned copy
   bandwidths of an S-byte buffer measured on the GPU ranks at the same time, the speed
-  at which data can go to the host and come back; ratio = hetero busbw / bound.
+  at which data can go to the host and come back; ratio = hetero busbw / bound;
+- host bound: every rank copies an S-byte host buffer at once (up to 64 MiB; bytes read
+  + written, the slowest rank's median), and a host allreduce of S bytes moves at least
+  4 S per rank (:mod:`flagcx.bench.bound`): host bound = 4 S / copy bandwidth;
+- slowest-stage bound: the largest of S / d2h, S / h2d and the host bound (the stages
+  overlap chunk by chunk, so the slowest one bounds the whole); hetero / bound = the
+  hierarchical time over it (1.0 = at the bound).
 
     python benchmarks/hetero_bench.py --gpus 2 --cpus 2 --out benchmarks/results/hetero_gpu
     python benchmarks/hetero_bench.py --nproc 4 --clusters 2 --max 16M --out /tmp/hetero_cpu
@@ -50,7 +58,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--min", default="1M", help="smallest message (bytes; K/M/G suffix)")
     p.add_argument("--max", default="256M", help="largest message")
     p.add_argument("--factor", type=int, default=2, help="size step factor")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=6, help="untimed calls per size (6 let the runner choose its plan first)")
     p.add_argument("--iters", type=int, default=0, help="timed ops per size (default: about 1 GiB of traffic, 3..20)")
     p.add_argument("--chunk", default="", help="FLAGCX_HETERO_CHUNK for the run (default: the library's)")
     p.add_argument("--lanes", type=int, default=0, help="FLAGCX_HETERO_LANES for the run (default: the library's)")
@@ -97,6 +105,7 @@ def _staging(size: int, reps: int = 5) -> tuple[float, float]:
 
 def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
     from flagcx import Communicator
+    from flagcx.bench import bound as membound
 
     is_gpu = ns.gpus > 0 and rank < ns.gpus
     if is_gpu:
@@ -149,6 +158,11 @@ def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
             if is_gpu:
                 d2h, h2d = _staging(nbytes)
             d2h, h2d = -slowest(-d2h), -slowest(-h2d)  # the slowest GPU rank's bandwidth
+        comm.barrier()
+        copy_bytes = membound.buffer_bytes(nbytes)
+        host_copy = 2 * copy_bytes / slowest(membound.local_seconds(copy_bytes)[0]) / 1e9
+        host_bound_us = membound.BYTES_PER_RANK * nbytes / (host_copy * 1e3)
+        stage_bound_us = max(host_bound_us, nbytes / (d2h * 1e3), nbytes / (h2d * 1e3))
         row = {
             "bytes": nbytes,
             "iters": iters,
@@ -158,6 +172,11 @@ def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
             "hetero_busbw": nbytes / t_het / 1e9 * factor,
             "flat_us": t_flat * 1e6,
             "flat_busbw": nbytes / t_flat / 1e9 * factor,
+            "host_copy_gbps": host_copy,
+            "host_bound_us": host_bound_us,
+            "stage_bound_us": stage_bound_us,
+            "vs_stage_bound": t_het * 1e6 / stage_bound_us,
+            "plan": hetero.plans.chosen.get(nbytes.bit_length(), hetero.plans.fixed or "undecided"),
         }
         if ns.gpus:
             bound = 1 / (1 / d2h + 1 / h2d)
@@ -203,16 +222,16 @@ def markdown(result: dict) -> str:
         f"peer {meta['peer_transport']}, world {meta['world_transport']}; GPU {meta['gpu'] or '-'}; host {meta['host']}; {meta['date']}",
         "",
     ]
-    head = "| bytes | iters | hetero us | algbw GB/s | busbw GB/s | flat us | flat busbw |"
-    sep = "|---|---|---|---|---|---|---|"
+    head = "| bytes | iters | plan | hetero us | algbw GB/s | busbw GB/s | flat us | flat busbw | host copy GB/s | stage bound us | hetero / bound |"
+    sep = "|---|---|---|---|---|---|---|---|---|---|---|"
     if gpu:
         head += " d2h GB/s | h2d GB/s | bound GB/s | busbw / bound |"
         sep += "---|---|---|---|"
     lines += [head, sep]
     for r in rows:
         line = (
-            f"| {r['bytes']} | {r['iters']} | {r['hetero_us']:.0f} | {r['hetero_algbw']:.2f} | {r['hetero_busbw']:.2f} | "
-            f"{r['flat_us']:.0f} | {r['flat_busbw']:.2f} |"
+            f"| {r['bytes']} | {r['iters']} | {r['plan']} | {r['hetero_us']:.0f} | {r['hetero_algbw']:.2f} | {r['hetero_busbw']:.2f} | "
+            f"{r['flat_us']:.0f} | {r['flat_busbw']:.2f} | {r['host_copy_gbps']:.1f} | {r['stage_bound_us']:.0f} | {r['vs_stage_bound']:.2f} |"
         )
         if gpu:
             line += f" {r['d2h_gbps']:.1f} | {r['h2d_gbps']:.1f} | {r['bound_gbps']:.1f} | {r['ratio']:.0%} |"

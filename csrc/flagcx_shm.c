@@ -156,6 +156,20 @@ struct fxs_comm {
     fxs_op *rq_head, *rq_tail;
     uint64_t *shead, *rtail;
     int rr;
+    /* helper threads for large copies and reductions (see "helper threads") */
+    int nthreads, helpers_on;
+    pthread_t *helpers;
+    struct helper_arg *hargs;
+    _Atomic uint32_t job_gen, job_sleepers, job_left;
+    _Atomic int helpers_stop;
+    int job_reduce;
+    char *job_dst;
+    const char *job_src;
+    size_t job_count, job_es;
+    fxs_reduce_fn job_fn;
+    const void *const *job_srcs;
+    int job_nsrc, job_avg;
+    const void **job_part_srcs; /* nthreads x n source pointers, one row per thread */
 };
 
 /* ---------------------------------------------------------------- utilities */
@@ -495,6 +509,156 @@ static void part_range(size_t m, int n, int q, size_t *a, size_t *b) {
     *b = lo + per < m ? lo + per : m;
 }
 
+/* ---------------------------------------------------------------- helper threads
+ *
+ * One thread copies and reduces at the bandwidth one core gets, far below a many-core
+ * host's. With nthreads > 1 (fxs_set_threads) a job of PAR_MIN_BYTES or more is split
+ * into nthreads equal ranges: the caller runs range 0, helpers 1..nthreads-1. A job is
+ * published by bumping job_gen (its fields are written before); helpers spin a while,
+ * then sleep on job_gen (job_sleepers tells the caller whether a wake is needed); the
+ * caller spins until job_left is 0. Helpers start with the first large job and end at
+ * close. Jobs never overlap: one caller thread, and it waits for the last range.
+ */
+
+#define PAR_MIN_BYTES ((size_t)256 * 1024)
+#define HELPER_SPIN 20000
+
+struct helper_arg {
+    fxs_comm *c;
+    int idx;
+    uint32_t seen;
+};
+
+static void job_part(fxs_comm *c, int idx) {
+    size_t per = (c->job_count + (size_t)c->nthreads - 1) / (size_t)c->nthreads;
+    per = (per + 63) & ~(size_t)63;
+    size_t a = per * (size_t)idx, b = a + per;
+    if (a >= c->job_count) return;
+    if (b > c->job_count) b = c->job_count;
+    size_t es = c->job_es;
+    if (!c->job_reduce) {
+        memcpy(c->job_dst + a * es, c->job_src + a * es, (b - a) * es);
+        return;
+    }
+    const void **srcs = c->job_part_srcs + (size_t)idx * (size_t)c->n;
+    for (int p = 0; p < c->job_nsrc; p++) srcs[p] = (const char *)c->job_srcs[p] + a * es;
+    c->job_fn(c->job_dst + a * es, srcs, c->job_nsrc, b - a, c->job_avg);
+}
+
+static void *helper_main(void *arg) {
+    struct helper_arg *h = (struct helper_arg *)arg;
+    fxs_comm *c = h->c;
+    uint32_t seen = h->seen;
+    for (;;) {
+        uint32_t g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&c->job_gen, memory_order_acquire)) == seen) {
+            if (atomic_load_explicit(&c->helpers_stop, memory_order_relaxed)) return NULL;
+            if (++spins < HELPER_SPIN) {
+                cpu_relax();
+                continue;
+            }
+            atomic_fetch_add(&c->job_sleepers, 1);
+            futex_wait(&c->job_gen, seen, 100000000LL, 1);
+            atomic_fetch_sub(&c->job_sleepers, 1);
+            spins = 0;
+        }
+        if (atomic_load(&c->helpers_stop)) return NULL;
+        seen = g;
+        job_part(c, h->idx);
+        atomic_fetch_sub_explicit(&c->job_left, 1, memory_order_acq_rel);
+    }
+}
+
+static void stop_helpers(fxs_comm *c) {
+    if (!c->helpers_on) return;
+    atomic_store(&c->helpers_stop, 1);
+    atomic_fetch_add(&c->job_gen, 1);
+    futex_wake(&c->job_gen, 1);
+    for (int i = 0; i < c->helpers_on; i++) pthread_join(c->helpers[i], NULL);
+    c->helpers_on = 0;
+}
+
+/* Start the helpers; on failure run with those that started. */
+static void start_helpers(fxs_comm *c) {
+    int want = c->nthreads - 1;
+    c->helpers = calloc((size_t)want, sizeof *c->helpers);
+    c->hargs = calloc((size_t)want, sizeof *c->hargs);
+    c->job_part_srcs = calloc((size_t)c->nthreads * (size_t)c->n, sizeof *c->job_part_srcs);
+    if (!c->helpers || !c->hargs || !c->job_part_srcs) {
+        c->nthreads = 1;
+        return;
+    }
+    uint32_t gen = atomic_load(&c->job_gen);
+    int started = 0;
+    for (int i = 0; i < want; i++) {
+        c->hargs[i] = (struct helper_arg){c, i + 1, gen};
+        if (pthread_create(&c->helpers[i], NULL, helper_main, &c->hargs[i]) != 0) break;
+        started++;
+    }
+    c->helpers_on = started;
+    c->nthreads = started + 1;
+}
+
+static void par_run(fxs_comm *c) {
+    atomic_store(&c->job_left, (uint32_t)(c->nthreads - 1));
+    atomic_fetch_add(&c->job_gen, 1);
+    if (atomic_load(&c->job_sleepers)) futex_wake(&c->job_gen, 1);
+    job_part(c, 0);
+    int spins = 0;
+    while (atomic_load_explicit(&c->job_left, memory_order_acquire)) {
+        if (++spins < 4096) {
+            cpu_relax();
+        } else {
+            sched_yield();
+            spins = 0;
+        }
+    }
+}
+
+static int parallel(fxs_comm *c, size_t bytes) {
+    if (c->nthreads < 2 || bytes < PAR_MIN_BYTES || c->owner != getpid()) return 0;
+    if (!c->helpers_on) start_helpers(c);
+    return c->nthreads > 1;
+}
+
+/* memcpy, split over the helper threads when large. */
+static void pcopy(fxs_comm *c, void *dst, const void *src, size_t bytes) {
+    if (!parallel(c, bytes)) {
+        memcpy(dst, src, bytes);
+        return;
+    }
+    c->job_reduce = 0;
+    c->job_dst = (char *)dst;
+    c->job_src = (const char *)src;
+    c->job_count = bytes;
+    c->job_es = 1;
+    par_run(c);
+}
+
+/* fn(dst, srcs, nsrc, count, avg_n), split over the helper threads when large. */
+static void preduce(fxs_comm *c, fxs_reduce_fn fn, void *dst, const void *const *srcs, int nsrc, size_t count,
+                    size_t es, int avg_n) {
+    if (!parallel(c, count * es)) {
+        fn(dst, srcs, nsrc, count, avg_n);
+        return;
+    }
+    c->job_reduce = 1;
+    c->job_dst = (char *)dst;
+    c->job_count = count;
+    c->job_es = es;
+    c->job_fn = fn;
+    c->job_srcs = srcs;
+    c->job_nsrc = nsrc;
+    c->job_avg = avg_n;
+    par_run(c);
+}
+
+int fxs_set_threads(fxs_comm *c, int nthreads) {
+    if (!c->helpers_on) c->nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
+    return c->nthreads;
+}
+
 /* ---------------------------------------------------------------- collectives */
 
 static int reduce_common(fxs_comm *c, const char *send, char *recv, uint64_t count, int dtype,
@@ -521,14 +685,14 @@ static int reduce_common(fxs_comm *c, const char *send, char *recv, uint64_t cou
         for (uint64_t off = 0; off < count; off += chunk) {
             size_t m = min_sz(chunk, count - off);
             if (off && (rc = wait_seq(c, c->seq, -1))) return rc;
-            memcpy(slot(c, me, c->seq + 1), send + off * es, m * es);
+            pcopy(c, slot(c, me, c->seq + 1), send + off * es, m * es);
             if (!out) {
                 post(c);
                 continue;
             }
             if ((rc = exchange(c, -1, off == 0))) return rc;
             for (int p = 0; p < n; p++) c->srcs[p] = slot(c, p, c->seq);
-            fn(recv + off * es, c->srcs, n, m, n);
+            preduce(c, fn, recv + off * es, c->srcs, n, m, es, n);
         }
         return FXS_OK;
     }
@@ -536,12 +700,12 @@ static int reduce_common(fxs_comm *c, const char *send, char *recv, uint64_t cou
     for (uint64_t off = 0; off < count; off += chunk) {
         size_t m = min_sz(chunk, count - off), a, b;
         if (off && (rc = wait_seq(c, c->seq, -1))) return rc;
-        memcpy(slot(c, me, c->seq + 1), send + off * es, m * es);
+        pcopy(c, slot(c, me, c->seq + 1), send + off * es, m * es);
         if ((rc = exchange(c, -1, off == 0))) return rc;
         part_range(m, n, me, &a, &b);
         if (b > a) {
             for (int p = 0; p < n; p++) c->srcs[p] = slot(c, p, c->seq) + a * es;
-            fn(slot(c, me, c->seq + 1) + a * es, c->srcs, n, b - a, n);
+            preduce(c, fn, slot(c, me, c->seq + 1) + a * es, c->srcs, n, b - a, es, n);
         }
         if (!out) {
             post(c);
@@ -550,7 +714,7 @@ static int reduce_common(fxs_comm *c, const char *send, char *recv, uint64_t cou
         if ((rc = exchange(c, -1, 0))) return rc;
         for (int q = 0; q < n; q++) {
             part_range(m, n, q, &a, &b);
-            if (b > a) memcpy(recv + (off + a) * es, slot(c, q, c->seq) + a * es, (b - a) * es);
+            if (b > a) pcopy(c, recv + (off + a) * es, slot(c, q, c->seq) + a * es, (b - a) * es);
         }
     }
     return FXS_OK;
@@ -1204,6 +1368,7 @@ static int comm_init(fxs_comm **out, char *base, size_t total, int rank, double 
     c->owner = getpid();
     c->mode = mode;
     c->my_pidns = self_pidns();
+    c->nthreads = 1;
     pthread_mutex_init(&c->lock, NULL);
     size_t un = (size_t)n;
     c->known = calloc(un, sizeof *c->known);
@@ -1391,10 +1556,12 @@ int fxs_sweep(const char *prefix) {
 
 void fxs_close(fxs_comm *c, int abort) {
     if (!c) return;
-    if (c->owner != getpid()) { /* a forked child: the rank and its thread belong to the parent */
+    if (c->owner != getpid()) { /* a forked child: the rank and its threads belong to the parent */
         c->me = -1;
         c->thread_on = 0;
+        c->helpers_on = 0;
     }
+    stop_helpers(c);
     if (c->me >= 0 && c->rec) {
         /* A published mismatch stays: it tells peers more than "closed" would. */
         if (atomic_load(&c->rec[c->me].state) != ST_MISMATCH)
@@ -1422,6 +1589,9 @@ void fxs_close(fxs_comm *c, int abort) {
     free(c->cur);
     free(c->shead);
     free(c->rtail);
+    free(c->helpers);
+    free(c->hargs);
+    free(c->job_part_srcs);
     pthread_mutex_destroy(&c->lock);
     free(c);
 }

@@ -72,6 +72,9 @@ uint64_t fxs_segment_bytes(fxs_comm *c);
 uint64_t fxs_slot_bytes(fxs_comm *c);
 uint64_t fxs_small_bytes(fxs_comm *c);
 uint64_t fxs_ring_bytes(fxs_comm *c);
+/* Threads (this one + helpers) that split large copies and reductions of collectives;
+ * takes effect until the first large op starts the helpers. Returns the count in use. */
+int fxs_set_threads(fxs_comm *c, int nthreads);
 
 /* Collectives (pointers passed as integers). In place when send == recv (allgather:
  * send == recv + rank * nbytes; reducescatter: recv == send + rank * count * esize). */

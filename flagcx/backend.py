@@ -117,11 +117,35 @@ class FlagcxWork(dist.Work):
         return self._future
 
 
+_COMPLETED: list[FlagcxWork] = []
+
+
+def _completed() -> FlagcxWork:
+    """One finished Work shared by every synchronous call that completed in place.
+
+    torch waits on a synchronous call's Work and drops it (``dist.all_reduce`` returns
+    None), so building a new one per call (a C++ object behind a Python one) is pure
+    cost on the decode path; an asynchronous call always gets its own.
+    """
+    if not _COMPLETED:
+        _COMPLETED.append(FlagcxWork(None))
+    return _COMPLETED[0]
+
+
 def _op_of(opts: Any) -> Any:
-    """Reduce op from an options struct, a bare torch ReduceOp, or nothing (SUM)."""
+    """Reduce op from an options struct, a bare torch ReduceOp, or nothing (SUM).
+
+    torch hands a fresh ``ReduceOp`` object per call; its ``RedOpType`` (an enum member)
+    is what the Communicator's fast path caches on, so every op but PREMUL_SUM (which
+    carries its factor in the object) travels as that member.
+    """
     if opts is None:
         return ReduceOp.SUM
-    return getattr(opts, "reduceOp", opts)
+    op = getattr(opts, "reduceOp", opts)
+    kind = getattr(op, "op", None)
+    if kind is not None and getattr(kind, "name", "PREMUL_SUM") != "PREMUL_SUM":
+        return kind
+    return op
 
 
 def _async(opts: Any) -> bool:
@@ -228,6 +252,9 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
     def allreduce(self, tensors, opts=None) -> FlagcxWork:
         tensors = _tensors(tensors)
         op, a = _op_of(opts), _async(opts)
+        if len(tensors) == 1:  # the common case, kept short: it is on every training and decode step
+            work = self.comm.all_reduce(tensors[0], op, async_op=a)
+            return FlagcxWork(work, tensors) if work is not None or a else _completed()
         return self._grouped("allreduce", [lambda x, t=t: self.comm.all_reduce(t, op, async_op=x) for t in tensors], tensors, a)
 
     def allreduce_coalesced(self, tensors, opts=None) -> FlagcxWork:

@@ -57,8 +57,12 @@ class Config:
     """FLAGCX_HETERO_CHUNK: bytes per staged chunk between clusters (suffix K/M/G allowed); default 4M with device clusters, unchunked otherwise."""
     hetero_lanes: int | None = None
     """FLAGCX_HETERO_LANES: chunks moved in parallel between clusters (one host communicator each); default 4 with device clusters, else 1."""
+    hetero_allreduce: str = "auto"
+    """FLAGCX_HETERO_ALLREDUCE: auto | hierarchical | flat, the heterogeneous allreduce plan; auto times both on the first calls of each size class and keeps the faster."""
     shm_buffer: int | None = None
     """FLAGCX_SHM_BUFFER: staging bytes per rank of the shm transport's collectives (suffix K/M/G allowed); default 1M."""
+    shm_threads: int | None = None
+    """FLAGCX_SHM_THREADS: threads per rank that split the shm transport's large copies and reductions; default the rank's share of the cpus it may run on (cpus / ranks, at most 8)."""
     shm_p2p_buffer: int | None = None
     """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); default 256K, less beyond 16 ranks."""
     socket_ifname: str | None = None
@@ -221,8 +225,10 @@ def _load() -> Config:
         topo_file=_env("FLAGCX_TOPO_FILE"),
         hetero_chunk=_parse_bytes("FLAGCX_HETERO_CHUNK", _env("FLAGCX_HETERO_CHUNK")),
         hetero_lanes=_parse_count("FLAGCX_HETERO_LANES", _env("FLAGCX_HETERO_LANES")),
+        hetero_allreduce=_parse_choice("FLAGCX_HETERO_ALLREDUCE", ("auto", "hierarchical", "flat"), "auto"),
         shm_buffer=_parse_bytes("FLAGCX_SHM_BUFFER", _env("FLAGCX_SHM_BUFFER")),
         shm_p2p_buffer=_parse_bytes("FLAGCX_SHM_P2P_BUFFER", _env("FLAGCX_SHM_P2P_BUFFER")),
+        shm_threads=_parse_count("FLAGCX_SHM_THREADS", _env("FLAGCX_SHM_THREADS")),
         vendor_backends=_parse_vendor_backends(_env("FLAGCX_VENDOR_BACKEND")),
         device_adapters=_parse_device_adapters(_env("FLAGCX_DEVICE_ADAPTER")),
         adapter_plugins=_parse_plugins(_env("FLAGCX_ADAPTER_PLUGIN")),

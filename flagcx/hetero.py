@@ -25,7 +25,11 @@ Plans (n = elements, k = clusters):
 
 - allreduce, per chunk: intra reduce-scatter into m shards (or reduces to positions
   0..m-1 when shards and cluster do not line up) -> allreduce of shard j over peer
-  group j -> intra all-gather (or broadcasts from positions 0..m-1);
+  group j -> intra all-gather (or broadcasts from positions 0..m-1). Below some size the
+  *flat* plan is faster (every rank's whole buffer to the host, one allreduce over
+  ``world``, back): with FLAGCX_HETERO_ALLREDUCE=auto each size class (power of two)
+  is timed both ways on its first calls (:class:`PlanChooser`; results exact either way)
+  and the faster plan, by the slowest rank's time, serves every later call;
 - reducescatter: the input is permuted so that peer group j's outputs are contiguous;
   intra reduce-scatter (or reduces) of those blocks -> reduce-scatter (or reduces) over
   peer group j -> intra sends to members at positions >= m;
@@ -77,6 +81,54 @@ DEFAULT_LANES = 4
 
 _HIERARCHICAL_OPS = (ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MAX, ReduceOp.MIN)
 _CPU = torch.device("cpu")
+
+
+class PlanChooser:
+    """Per size class, which allreduce plan is faster, measured on the first calls of that class.
+
+    The first ``len(ORDER)`` calls of a class run the plans in ``ORDER``: one untimed
+    call of each (connections, pinned buffers), then each plan twice, alternating. The
+    ranks then agree on the slowest rank's best time of each plan (one 2-element host
+    allreduce) and the faster plan serves every later call. Every rank sees the same
+    sequence of sizes (collectives are matched), so all pick the same plan at the same call.
+    """
+
+    PLANS = ("hierarchical", "flat")
+    ORDER = ("hierarchical", "flat", "hierarchical", "flat", "hierarchical", "flat")
+    WARMUP = 2
+    """The first calls of ORDER are not timed."""
+
+    def __init__(self, fixed: Optional[str]) -> None:
+        self.fixed = fixed
+        self._samples: dict[int, list[float]] = {}
+        self.chosen: dict[int, str] = {}
+        """Size class (bit length of the byte count) -> plan, once decided."""
+        self.timings: dict[int, tuple[float, float]] = {}
+        """Size class -> (hierarchical, flat): the slowest rank's best seconds, as agreed."""
+
+    def plan(self, nbytes: int) -> tuple[str, bool]:
+        """(plan for this call, whether to time it)."""
+        if self.fixed is not None:
+            return self.fixed, False
+        cls = nbytes.bit_length()
+        if cls in self.chosen:
+            return self.chosen[cls], False
+        calls = len(self._samples.setdefault(cls, []))
+        return self.ORDER[calls], calls >= self.WARMUP
+
+    def record(self, nbytes: int, seconds: Optional[float], agree: Callable[[list[float]], list[float]]) -> None:
+        """Count a call of the class (``seconds`` when it was timed); after the last, agree with the other ranks and choose."""
+        cls = nbytes.bit_length()
+        samples = self._samples[cls]
+        samples.append(float("inf") if seconds is None else seconds)
+        if len(samples) < len(self.ORDER):
+            return
+        best = [min(t for t, p in zip(samples[self.WARMUP :], self.ORDER[self.WARMUP :]) if p == plan) for plan in self.PLANS]
+        hier, flat = agree(best)
+        self.timings[cls] = (hier, flat)
+        self.chosen[cls] = "flat" if flat < hier else "hierarchical"
+        del self._samples[cls]
+        log.info("hetero allreduce, %d-%d bytes: hierarchical %.3g ms, flat %.3g ms: %s", 1 << (cls - 1), (1 << cls) - 1, hier * 1e3, flat * 1e3, self.chosen[cls])
 
 
 def _shards(n: int, m: int) -> list[tuple[int, int]]:
@@ -158,6 +210,7 @@ class HeteroAdapter(Adapter):
             if self.mine.device_type != "cpu":  # created now, while every member is here (p2p may come first)
                 caps.append(self.intra._adapter(torch.device(self.mine.device_type), "init").capabilities)
         self._streams: dict[torch.device, tuple[object, object]] = {}
+        self._pinned_bytes: Optional[torch.Tensor] = None
         self._agree_capabilities(caps)
         log.info(
             "%s: rank %d in cluster %s (%d of %d clusters, sizes %s), chunk %s, lanes %d",
@@ -168,7 +221,7 @@ class HeteroAdapter(Adapter):
     def _check_agreement(self) -> str:
         """Checks every rank makes alike (so all raise, none waits): one CPU adapter per cluster, one chunk size and lane count.
 
-        Returns this cluster's CPU adapter; sets ``self.chunk`` and ``self.nlanes``.
+        Returns this cluster's CPU adapter; sets ``self.chunk``, ``self.nlanes`` and ``self.plans``.
         """
         records = self.comm._records
         for cluster in self.clusters:
@@ -185,6 +238,7 @@ class HeteroAdapter(Adapter):
         mine = {
             "FLAGCX_HETERO_CHUNK": cfg.hetero_chunk or (DEFAULT_CHUNK if has_devices else 0),
             "FLAGCX_HETERO_LANES": cfg.hetero_lanes or (DEFAULT_LANES if has_devices else 1),
+            "FLAGCX_HETERO_ALLREDUCE": cfg.hetero_allreduce,
         }
         raw = self._allgather_json(mine, "hetero-config")
         for key, value in mine.items():
@@ -193,6 +247,7 @@ class HeteroAdapter(Adapter):
                 raise InvalidArgument(f"ranks disagree on {key} ({detail}); set the same value on every rank", op="init", rank=self.rank)
         self.chunk = mine["FLAGCX_HETERO_CHUNK"]
         self.nlanes = mine["FLAGCX_HETERO_LANES"]
+        self.plans = PlanChooser(None if mine["FLAGCX_HETERO_ALLREDUCE"] == "auto" else mine["FLAGCX_HETERO_ALLREDUCE"])
         return records[self.mine.ranks[0]]["cpu_adapter"]
 
     def _allgather_json(self, value: dict, what: str) -> list[dict]:
@@ -285,6 +340,13 @@ class HeteroAdapter(Adapter):
         if with_data:
             h.copy_(t)
         return h
+
+    def _pinned(self, like: torch.Tensor) -> torch.Tensor:
+        """A pinned host buffer shaped like 1-D ``like``, reused across allreduce calls (pinning costs more than small copies)."""
+        nbytes = like.numel() * like.element_size()
+        if self._pinned_bytes is None or self._pinned_bytes.numel() < nbytes:
+            self._pinned_bytes = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8, pin_memory=True)
+        return self._pinned_bytes[:nbytes].view(like.dtype)
 
     def _to_device(self, h: torch.Tensor, t: torch.Tensor) -> None:
         """Copy host buffer ``h`` back into ``t`` (enqueued on the current stream; nothing when t is on the host)."""
@@ -463,13 +525,43 @@ class HeteroAdapter(Adapter):
         return [(a, min(a + step, n)) for a in range(0, n, step)]
 
     def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+        """The hierarchical or the flat plan, whichever :class:`PlanChooser` measured faster for this size."""
+        self._check_device(send, "allreduce")
+        plan, timed = self.plans.plan(send.nbytes)
+        start = time.perf_counter()
+        if plan == "flat":
+            self._allreduce_flat(send, recv, op)
+        else:
+            self._allreduce_hierarchical(send, recv, op)
+        if self.plans.fixed is None and send.nbytes.bit_length() not in self.plans.chosen:
+            self.plans.record(send.nbytes, time.perf_counter() - start if timed else None, self._slowest)
+        return DONE
+
+    def _slowest(self, seconds: list[float]) -> list[float]:
+        """Element-wise maximum over every rank (a tiny host allreduce over ``world``)."""
+        t = torch.tensor(seconds, dtype=torch.float64)
+        self._host(self.world, "allreduce").allreduce(t, t, ReduceOp.MAX).wait()
+        return t.tolist()
+
+    def _allreduce_flat(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> None:
+        """Every rank's whole buffer through the host: one allreduce over ``world`` (device buffers staged in pinned memory)."""
+        world = self._host(self.world, "allreduce")
+        if send.device.type == "cpu":
+            world.allreduce(send, recv, op).wait()
+            return
+        host = self._pinned(send)
+        host.copy_(send)
+        world.allreduce(host, host, op).wait()
+        self._to_device(host, recv)
+        self._finish_device(recv)
+
+    def _allreduce_hierarchical(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> None:
         """Chunk by chunk (chunk k on lane k % lanes): intra reduce to positions -> peer allreduce -> intra spread."""
         name = "allreduce"
-        self._check_device(send, name)
         bounds = self._chunks(send)
         if send.device.type != "cpu":
             self._allreduce_device(send, recv, op, bounds)
-            return DONE
+            return
 
         def one(k: int, lane: int) -> None:
             a, b = bounds[k]
@@ -480,7 +572,6 @@ class HeteroAdapter(Adapter):
             self._spread_from_positions(recv[a:b], name, lane)
 
         self._run_lanes(bounds, one)
-        return DONE
 
     def _allreduce_device(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, bounds: list[tuple[int, int]]) -> None:
         """The device side of allreduce: this thread drives the native adapter, lane threads the host transfers.
@@ -494,7 +585,7 @@ class HeteroAdapter(Adapter):
         module = torch.get_device_module(send.device.type)
         d2h, h2d = self._copy_streams(send.device)
         current = module.current_stream(send.device)
-        host = torch.empty(send.numel(), dtype=send.dtype, pin_memory=True) if self.lanes else None
+        host = self._pinned(send) if self.lanes else None
         down: list = [None] * len(bounds)
         up: list = [None] * len(bounds)
         shards: list[Optional[tuple[int, int]]] = [None] * len(bounds)
@@ -899,11 +990,24 @@ def _with_peer_failures(self: HeteroAdapter, exc: FlagcxError, text: str) -> tup
     return text + "".join(notes), cls
 
 
+def _refuse_capture(self: HeteroAdapter, op: str) -> None:
+    """A heterogeneous op completes on the host before it returns, so a CUDA graph cannot hold it."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise NotSupported(
+            f"{op} on heterogeneous communicator {self.comm.name} cannot be captured in a CUDA graph: it moves data "
+            "through host memory and completes on the host before it returns; call it outside the capture "
+            "(or capture only the device clusters' own communicators)",
+            op=op,
+            rank=self.rank,
+        )
+
+
 def _fail_fast(fn: Callable) -> Callable:
-    """Wrap an op of HeteroAdapter: a transport failure aborts every sub-communicator before it propagates."""
+    """Wrap an op of HeteroAdapter: refuse a CUDA graph capture; a transport failure aborts every sub-communicator before it propagates."""
 
     @functools.wraps(fn)
     def op(self: HeteroAdapter, *args, **kwargs):
+        _refuse_capture(self, fn.__name__)
         try:
             return fn(self, *args, **kwargs)
         except (InvalidArgument, NotSupported):

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from flagcx import Communicator
+from flagcx import Communicator, NotSupported
 from flagcx.hetero import HeteroAdapter
 
 from .hetero_suite import plan_checks
@@ -44,6 +44,7 @@ def hetero_gpu_matrix(rank: int, size: int) -> Iterable[Check]:
         yield from error_checks(g, label, device=device)
         yield from plan_checks(g, label, device=device)
     yield "cpu_tensors_on_gpu_ranks", lambda: _cpu_tensors(comm)
+    yield "capture_refused", lambda: _capture_refused(comm, is_gpu)
     yield "destroy", lambda: (sub.destroy() if sub else None, comm.destroy())
 
 
@@ -55,6 +56,24 @@ def _layout(comm: Communicator, is_gpu: bool, size: int) -> None:
     assert hetero.chunk > 0, "device clusters stage in chunks by default"
     if is_gpu and hetero.intra is not None:
         assert hetero.intra.adapter_name("cuda") == "nccl"
+
+
+def _capture_refused(comm: Communicator, is_gpu: bool) -> None:
+    """A heterogeneous op inside a CUDA graph capture raises NotSupported at once (no peer is involved)."""
+    if not is_gpu:
+        return
+    t = torch.ones(1000, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    try:
+        with torch.cuda.graph(graph):
+            comm.all_reduce(t)
+    except NotSupported as exc:
+        assert "cannot be captured in a CUDA graph" in str(exc) and "allreduce" in str(exc), exc
+    else:
+        raise AssertionError("a heterogeneous all_reduce was captured into a CUDA graph")
+    assert not torch.cuda.is_current_stream_capturing()
+    assert torch.equal(t, torch.ones_like(t)), "the refused call changed its tensor"
 
 
 def _cpu_tensors(comm: Communicator) -> None:

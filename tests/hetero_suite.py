@@ -144,11 +144,47 @@ def _any_source_rejected(g: Communicator, device: str = "cpu") -> None:
     raise AssertionError("any-source recv on a heterogeneous communicator did not raise NotSupported")
 
 
+def _allreduce_plans(g: Communicator, label: str, device: str = "cpu") -> None:
+    """auto: a size class is timed both ways on its first calls and every rank keeps the same plan; flat and
+    hierarchical forced give exact results too (random data every call)."""
+    from flagcx.hetero import PlanChooser
+
+    hetero = g._hetero
+    assert hetero is not None, "plan checks run on communicators that span clusters"
+    n = 30_011
+    cls = (n * 4).bit_length()
+    for call in range(len(PlanChooser.ORDER) + 2):
+        inputs = [make(f"{label}/plans/{call}", r, n, torch.float32, "sum", device=device) for r in range(g.size)]
+        x = inputs[g.rank].clone()
+        g.all_reduce(x)
+        assert_equal(x, reduce_ref(inputs, "sum"), f"auto plan, call {call}", True)
+    chosen = hetero.plans.chosen[cls]
+    hier, flat = hetero.plans.timings[cls]
+    assert chosen == ("flat" if flat < hier else "hierarchical") and hier > 0 and flat > 0, (chosen, hier, flat)
+    votes = torch.tensor([float(PlanChooser.PLANS.index(chosen))])
+    g.all_reduce(votes, "max")
+    top = votes.item()
+    votes.fill_(-float(PlanChooser.PLANS.index(chosen)))
+    g.all_reduce(votes, "max")
+    assert top == -votes.item(), "ranks chose different plans for one size class"
+    saved = hetero.plans
+    try:
+        for fixed in PlanChooser.PLANS:
+            hetero.plans = PlanChooser(fixed)
+            inputs = [make(f"{label}/plan-{fixed}", r, n, torch.int64, "max", device=device) for r in range(g.size)]
+            out = torch.empty_like(inputs[g.rank])
+            g.all_reduce(inputs[g.rank].clone(), "max", out=out)
+            assert_equal(out, reduce_ref(inputs, "max"), f"{fixed} plan, out of place")
+    finally:
+        hetero.plans = saved
+
+
 def plan_checks(g: Optional[Communicator], label: str, device: str = "cpu") -> Iterable[Check]:
     """Checks of the plan itself; every rank yields them (non-members of a subgroup pass trivially)."""
     checks = {
         "rooted_everywhere": lambda: _rooted_everywhere(g, label, device),
         "large_chunked": lambda: _large(g, label, device),
+        "allreduce_plans": lambda: _allreduce_plans(g, label, device),
         "p2p_all_pairs": lambda: _p2p_all_pairs(g, label, device),
         "alltoallv_sparse": lambda: _alltoallv_sparse(g, label, device),
         "any_source_rejected": lambda: _any_source_rejected(g, device),
@@ -270,6 +306,9 @@ def init_errors(rank: int, size: int) -> Iterable[Check]:
     )
     yield "chunk_disagrees", lambda: expect(
         {"FLAGCX_CLUSTER_ID": label, "FLAGCX_HETERO_CHUNK": "1M" if rank == size - 1 else "2M"}, "bad-chunk", "FLAGCX_HETERO_CHUNK"
+    )
+    yield "allreduce_plan_disagrees", lambda: expect(
+        {"FLAGCX_CLUSTER_ID": label, "FLAGCX_HETERO_ALLREDUCE": "flat" if rank == 1 else "auto"}, "bad-plan", "FLAGCX_HETERO_ALLREDUCE"
     )
     yield "mixed_device_types_in_cluster", lambda: _mixed_device_types(rank)
 

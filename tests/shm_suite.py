@@ -57,7 +57,13 @@ def shm_checks(rank: int, size: int) -> Iterable[Check]:
     yield "shm/mismatched_calls", lambda: _mismatched_calls(rank, size)
     yield "shm/mismatch_seen_by_receivers_only", lambda: _mismatch_reaches_root(rank, size)
     yield "shm/p2p_size_mismatch", lambda: _p2p_size_mismatch(rank, size)
-    yield "shm/destroy", lambda: (small.destroy(), comm.destroy())
+    with flagcx_env(FLAGCX_SHM_THREADS="3"):
+        threaded = Communicator.from_env(name="shm-threads")
+    yield "shm/threads/setup", lambda: _threaded_setup(threaded)
+    yield "shm/threads/large", lambda: _large(threaded)
+    yield "shm/threads/boundaries", lambda: _boundary_reductions(threaded)
+    yield "shm/threads/dtypes", lambda: _threaded_dtypes(threaded)
+    yield "shm/destroy", lambda: (small.destroy(), comm.destroy(), threaded.destroy())
 
 
 def _segment(comm: Communicator) -> None:
@@ -106,6 +112,27 @@ def _large(comm: Communicator) -> None:
     ag_out = torch.empty(per * n)
     comm.all_gather(ag_out, inputs[r][:per])
     assert_equal(ag_out, torch.cat([t[:per] for t in inputs]), "large all_gather")
+
+
+def _threaded_setup(comm: Communicator) -> None:
+    """FLAGCX_SHM_THREADS=3: three threads per rank split large steps, over 4 MiB staging (rank 0's choice)."""
+    shm = _shm(comm)
+    assert (shm.threads, shm.staging_bytes) == (3, 4 << 20), (shm.threads, shm.staging_bytes)
+
+
+def _threaded_dtypes(comm: Communicator) -> None:
+    """Split reductions in other dtypes and ops (every step large enough to be split), and reduce to a root."""
+    n, r = comm.size, comm.rank
+    count = 600_011
+    for dtype, op in ((torch.bfloat16, "sum"), (torch.int64, "max"), (torch.float64, "prod"), (torch.int32, "avg")):
+        inputs = [make(f"thr/{dtype}/{op}", p, count, dtype, op) for p in range(n)]
+        expected = reduce_ref(inputs, op)
+        x = inputs[r].clone()
+        comm.all_reduce(x, op)
+        assert_equal(x, expected, f"threaded all_reduce {dtype} {op}", True)
+        y = inputs[r].clone()
+        comm.reduce(y, n - 1, op)
+        assert_equal(y, expected if r == n - 1 else inputs[r], f"threaded reduce {dtype} {op}", True)
 
 
 def _dtype(comm: Communicator, dtype: torch.dtype) -> None:

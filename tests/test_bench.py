@@ -370,6 +370,27 @@ def test_memory_refusal_names_the_need_and_what_fits(monkeypatch):
     assert memory.problem(8 << 30, 64, cpu).endswith("; run fewer ranks per host")
 
 
+def test_memory_bandwidth_bound_and_its_table():
+    from flagcx.bench.bound import MemoryBandwidth
+
+    bw = MemoryBandwidth(copy_gbps=8.0, add_gbps=12.0, ranks=4, buffer_bytes=64 << 20, all_core_copy_gbps=16.0, threads=4)
+    assert bw.allreduce_bound_us(64 << 20) == pytest.approx(4 * (64 << 20) / 8e3)  # 33.6 ms at 8 GB/s
+    assert bw.all_core_bound_us(64 << 20) == pytest.approx(bw.allreduce_bound_us(64 << 20) / 2)
+    assert bw.as_dict()["copy_gbps_per_rank"] == 8.0 and bw.as_dict()["threads_per_rank_all_core"] == 4
+    assert report.membw_line(bw) == (
+        "# Memory bandwidth per rank, 4 rank(s) at once on 64 MiB buffers: copy 8.00 GB/s, add 12.00 GB/s; "
+        "copy with every core busy (4 threads per rank) 16.00 GB/s (bytes read + written)"
+    )
+    rows = [
+        Row(1 << 19, 1 << 17, "float", "sum", -1, Timing(100.0, 1.0, 1.0, 0), Timing(100.0, 1.0, 1.0, 0)),
+        Row(1 << 20, 1 << 18, "float", "sum", -1, Timing(1048.576, 1.0, 1.0, 0), None),
+    ]
+    lines = report.bound_table([_run(rows)], bw, 1 << 20)
+    assert lines[1].startswith("# Time over the memory-bandwidth bound")
+    assert lines[4].split() == ["1048576", "float", "sum", "524.3", "262.1", "flagcx", "2.00", "N/A", "4.00", "N/A"]
+    assert len(lines) == 5  # the 512 KiB row is below the bound's minimum size
+
+
 def test_footer_and_average_of_printed_busbw():
     rows = [
         Row(8, 2, "float", "sum", -1, Timing(10, 1.0, 1.0, 0), Timing(10, 2.0, 2.0, 0)),
@@ -634,6 +655,23 @@ def test_real_peak_memory_is_bounded_by_the_buffers(coll):
     base = _peak_rss(coll, "-b", "1K", "-e", "1K", "-n", "2", "--nproc", "2")
     peak = _peak_rss(coll, "-b", "64M", "-e", "64M", "-n", "2", "--nproc", "2")
     assert peak - base <= 3 * size, f"{coll}: peak {peak >> 20} MiB, {(peak - base) / size:.1f}x the buffer above the 1 KiB run's {base >> 20} MiB"
+
+
+def test_real_memory_bandwidth_bound_is_measured_and_reported(tmp_path):
+    j = tmp_path / "r.json"
+    p = _bench("allreduce", "-b", "1M", "-e", "2M", "-f", "2", "-n", "3", "--nproc", "2", "--json", str(j))
+    assert p.returncode == 0, p.stderr
+    (line,) = [x for x in p.stdout.splitlines() if x.startswith("# Memory bandwidth per rank, 2 rank(s) at once on 2 MiB buffers: copy ")]
+    copy = float(line.split("copy ")[1].split()[0])
+    assert copy > 0.1 and "copy with every core busy (1 threads per rank)" in line, line
+    table = p.stdout.split("# Time over the memory-bandwidth bound")[1].splitlines()[3:5]
+    assert [r.split()[0] for r in table] == ["1048576", "2097152"]
+    doc = json.loads(j.read_text())
+    assert doc["memory_bandwidth"]["copy_gbps_per_rank"] == pytest.approx(copy, rel=0.01)
+    for r in doc["results"]:
+        assert r["bound_us"] == pytest.approx(4 * r["size"] / (doc["memory_bandwidth"]["copy_gbps_per_rank"] * 1e3))
+        assert r["all_core_bound_us"] == pytest.approx(4 * r["size"] / (doc["memory_bandwidth"]["all_core_copy_gbps_per_rank"] * 1e3))
+        assert r["out_of_place"]["time"] > 0.3 * r["bound_us"], "faster than a third of the memory bound: the model is off"
 
 
 def test_real_refusals_come_before_any_rank_starts_work():

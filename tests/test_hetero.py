@@ -35,4 +35,32 @@ def test_hetero_torch_distributed():
 
 
 def test_hetero_init_errors():
-    assert_passed(run_suite("tests.hetero_suite:init_errors", 4), min_checks=3)
+    assert_passed(run_suite("tests.hetero_suite:init_errors", 4), min_checks=4)
+
+
+def test_plan_chooser_times_both_plans_then_keeps_the_faster():
+    from flagcx.hetero import PlanChooser
+
+    agreed = []
+
+    def agree(seconds):
+        agreed.append(list(seconds))
+        return [s * 2 for s in seconds]  # the slowest rank's times: both doubled, order kept
+
+    def feed(chooser, nbytes, times):
+        plans = []
+        for t in times:
+            plan, timed = chooser.plan(nbytes)
+            plans.append((plan, timed))
+            chooser.record(nbytes, t if timed else None, agree)
+        return plans
+
+    chooser = PlanChooser(None)
+    small, large = 1000, 1 << 24
+    plans = feed(chooser, small, [9, 9, 0.003, 0.002, 0.004, 0.001])
+    assert plans == [("hierarchical", False), ("flat", False)] + [("hierarchical", True), ("flat", True)] * 2
+    assert agreed == [[0.003, 0.001]] and chooser.timings[small.bit_length()] == (0.006, 0.002)
+    assert chooser.plan(small) == ("flat", False) and chooser.plan(1023) == ("flat", False)  # the same size class
+    feed(chooser, large, [9, 9, 0.01, 0.02, 0.011, 0.03])
+    assert chooser.chosen == {small.bit_length(): "flat", large.bit_length(): "hierarchical"}
+    assert PlanChooser("flat").plan(large) == ("flat", False)

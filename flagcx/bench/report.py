@@ -10,9 +10,12 @@ and, with --compare, a ratio table after the last one.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .results import NOISY, Row, Run, Timing
+
+if TYPE_CHECKING:
+    from .bound import MemoryBandwidth
 
 _MODE_NA = "  %7s  %6s  %6s  %6s" % ("N/A", "N/A", "N/A", "N/A")
 _SPREAD = "  %6s  %6s"
@@ -144,6 +147,35 @@ def footer(run: Run) -> list[str]:
 
 def conclusion(program: str) -> list[str]:
     return ["#", f"# Collective test concluded: {program}"]
+
+
+def membw_line(bw: "MemoryBandwidth") -> str:
+    """The memory bandwidth measured before the sweep (see flagcx.bench.bound)."""
+    return (
+        "# Memory bandwidth per rank, %d rank(s) at once on %d MiB buffers: copy %.2f GB/s, add %.2f GB/s; "
+        "copy with every core busy (%d threads per rank) %.2f GB/s (bytes read + written)"
+        % (bw.ranks, bw.buffer_bytes >> 20, bw.copy_gbps, bw.add_gbps, bw.threads, bw.all_core_copy_gbps)
+    )
+
+
+def bound_table(runs: Sequence[Run], bw: "MemoryBandwidth", min_bytes: int) -> list[str]:
+    """Per size >= min_bytes: the memory-bandwidth bounds and every backend's time over them (both modes)."""
+    cols = "# %10s  %8s  %6s  %10s  %10s  %8s  %8s  %8s  %8s  %8s"
+    lines = [
+        "#",
+        "# Time over the memory-bandwidth bound: 4 x size bytes per rank at the copy bandwidth above, one thread per rank",
+        "# (bound) and with every core busy (all-core); 1.0 = at the bound",
+        cols % ("size", "type", "redop", "bound(us)", "all-core", "backend", "oop", "ip", "oop/all", "ip/all"),
+    ]
+    for run in runs:
+        for row in run.rows:
+            if row.size < min_bytes or row.unsupported is not None:
+                continue
+            bound, full = bw.allreduce_bound_us(row.size), bw.all_core_bound_us(row.size)
+            modes = (row.out_of_place, row.in_place)
+            cells = ["%8.2f" % (t.time_us / b) if t is not None else "%8s" % "N/A" for b in (bound, full) for t in modes]
+            lines.append("%12d  %8s  %6s  %10.1f  %10.1f  %8s  " % (row.size, row.type, row.redop, bound, full, run.backend) + "  ".join(cells))
+    return lines
 
 
 def _ratio(num: Optional[float], den: Optional[float], width: int) -> str:

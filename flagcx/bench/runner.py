@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..bootstrap import LaunchEnv, store_allgather, store_from_env
 from ..errors import FlagcxError, InvalidArgument
-from . import data, memory, report, timing
+from . import bound, data, memory, report, timing
 from .backends import Backend, make_backend
 from .colls import COLLECTIVES, Collective, allocate
 from .control import Control
@@ -167,6 +167,11 @@ class Sweep:
         return Timing(seconds * 1e6, algbw, coll.busbw(algbw, self.size), wrong, [s * 1e6 for s in slowest])
 
 
+def _cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _device(opts: Options, env: LaunchEnv) -> torch.device:
     if opts.device == "cpu":
         return torch.device("cpu")
@@ -234,6 +239,9 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
         for name in opts.backends:
             backends.append(make_backend(name, store, rank, size, device, opts.timeout))
         info = versions(opts.backends, opts.device)
+        membw = None
+        if opts.device == "cpu" and "allreduce" in opts.collectives and opts.max_bytes >= bound.MIN_BYTES:
+            membw = bound.measure(control, opts.max_bytes, _cpus(), env.local_size)
         sweep = Sweep(opts, rank, size, device, control, emit, Progress(lead))
         runs: list[Run] = []
         for coll_name in opts.collectives:
@@ -252,11 +260,13 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
                     opts.graph_replays,
                     device_lines,
                     load,
-                    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+                    _cpus(),
                     env.local_size,
                 )
             )
             emit_all([f"# note: {note}" for note in opts.notes])
+            if membw is not None and coll.name == "allreduce":
+                emit(report.membw_line(membw))
             coll_runs = []
             for backend in backends:
                 emit_all(report.backend_title(f"{backend.describe()}, {size} rank(s) on {opts.device}"))
@@ -266,10 +276,12 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
                 coll_runs.append(run)
             if len(coll_runs) > 1:
                 emit_all(report.ratio_table(coll_runs))
+            if membw is not None and coll.name == "allreduce":
+                emit_all(report.bound_table(coll_runs, membw, bound.MIN_BYTES))
             emit_all(report.conclusion(coll.program))
             runs.extend(coll_runs)
         if lead:
-            _write_outputs(opts, runs, device_lines, info, start, size, load)
+            _write_outputs(opts, runs, device_lines, info, start, size, load, membw)
         return 1 if any(r.out_of_bounds() for r in runs) else 0
     finally:
         for backend in backends:
@@ -278,7 +290,14 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
 
 
 def _write_outputs(
-    opts: Options, runs: list[Run], device_lines: list[str], info: dict, start: str, size: int, load: Optional[tuple[float, float, float]]
+    opts: Options,
+    runs: list[Run],
+    device_lines: list[str],
+    info: dict,
+    start: str,
+    size: int,
+    load: Optional[tuple[float, float, float]],
+    membw: Optional[bound.MemoryBandwidth],
 ) -> None:
     from . import export
 
@@ -287,6 +306,12 @@ def _write_outputs(
         import json
 
         doc = export.json_document(runs, _config(opts, size), device_lines, info, hostname(), opts.argv, start, end, load)
+        if membw is not None:
+            doc["memory_bandwidth"] = membw.as_dict()
+            for result in doc["results"]:
+                if result["collective"] == "allreduce" and result["size"] >= bound.MIN_BYTES:
+                    result["bound_us"] = membw.allreduce_bound_us(result["size"])
+                    result["all_core_bound_us"] = membw.all_core_bound_us(result["size"])
         with open(opts.json_path, "w") as f:
             json.dump(doc, f, indent=1)
     if opts.csv_path:

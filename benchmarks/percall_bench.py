@@ -1,0 +1,143 @@
+"""Host time per eager CUDA all_reduce at world size 1: torch ProcessGroupNCCL against flagcx, same GPU, interleaved.
+
+Each variant runs in a fresh process (one rank, one GPU, a FileStore), enqueues ``--calls``
+all_reduces back to back after a warm-up and reports the host time per call (the loop's
+perf_counter time / calls, before the final synchronize): what an inference engine's
+Python thread pays per collective. Variants:
+
+- ``torch``: ``dist.all_reduce`` on a ProcessGroupNCCL group;
+- ``flagcx``: ``dist.all_reduce`` on a flagcx group (NCCL adapter);
+- ``comm``: ``flagcx.Communicator.all_reduce`` directly;
+- ``flagcx-nowd`` / ``comm-nowd``: the same with FLAGCX_NCCL_WATCHDOG=0.
+
+    python benchmarks/percall_bench.py --passes 3 --out benchmarks/results/NAME
+    python benchmarks/percall_bench.py --profile comm     # cProfile of the flagcx path, top 25
+
+Writes OUT.json and OUT.md (median over passes of each pass's median, per size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("torch", "flagcx", "comm", "flagcx-nowd", "comm-nowd")
+SIZES = (8, 512, 8 << 10, 64 << 10, 256 << 10)
+
+
+def _one(variant: str, calls: int, repeats: int, profile: bool) -> dict:
+    """Run in the child: time the variant, print one JSON line."""
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = dist.FileStore(os.path.join(tmp, "store"), 1)
+        if variant.startswith("comm"):
+            import flagcx
+
+            comm = flagcx.Communicator(store, 0, 1, name="percall")
+            call = comm.all_reduce
+        else:
+            if variant.startswith("flagcx"):
+                import flagcx  # noqa: F401  (registers the backend)
+            dist.init_process_group("nccl" if variant == "torch" else "flagcx", store=store, rank=0, world_size=1)
+            call = dist.all_reduce
+        result = {}
+        for size in SIZES:
+            t = torch.ones(size // 4, device="cuda")
+            for _ in range(50):
+                call(t)
+            torch.cuda.synchronize()
+            per_call = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    call(t)
+                per_call.append((time.perf_counter() - t0) / calls * 1e6)
+                torch.cuda.synchronize()
+            result[size] = statistics.median(per_call)
+        if profile:
+            import cProfile
+            import pstats
+
+            t = torch.ones(2, device="cuda")
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20000):
+                call(t)
+            prof.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        if variant.startswith("comm"):
+            comm.destroy()
+        else:
+            dist.destroy_process_group()
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None, choices=VARIANTS, help="print a cProfile of one variant instead")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ns = p.parse_args()
+    if ns.child:
+        print(json.dumps(_one(ns.child, ns.calls, ns.repeats, ns.profile is not None)))
+        return 0
+    variants = [ns.profile] if ns.profile else ns.variants.split(",")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(1 if ns.profile else ns.passes):
+        for v in variants:
+            env = {**os.environ}
+            if v.endswith("-nowd"):
+                env["FLAGCX_NCCL_WATCHDOG"] = "0"
+            cmd = [sys.executable, __file__, "--child", v, "--calls", str(ns.calls), "--repeats", str(ns.repeats)]
+            if ns.profile:
+                cmd += ["--profile", v]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if out.returncode:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            if ns.profile:
+                print(out.stderr)
+            runs[v].append({int(k): x for k, x in json.loads(out.stdout.strip().splitlines()[-1]).items()})
+    summary = {v: {s: statistics.median(r[s] for r in rs) for s in SIZES} for v, rs in runs.items()}
+    import torch
+
+    lines = [
+        f"# Host time per eager all_reduce, world size 1 ({torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+        f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
+        "",
+        f"median over {len(next(iter(runs.values())))} interleaved passes of each pass's median of {ns.repeats} loops of {ns.calls} calls (us)",
+        "",
+        "| size (B) | " + " | ".join(variants) + " | " + " | ".join(f"{v}/torch" for v in variants if v != "torch" and "torch" in variants) + " |",
+        "|---|" + "---|" * (len(variants) + sum(1 for v in variants if v != "torch" and "torch" in variants)),
+    ]
+    for s in SIZES:
+        cells = [f"{summary[v][s]:.1f}" for v in variants]
+        cells += [f"{summary[v][s] / summary['torch'][s]:.2f}" for v in variants if v != "torch" and "torch" in variants]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out + ".md").write_text(text)
+        Path(ns.out + ".json").write_text(json.dumps({"passes": runs, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
