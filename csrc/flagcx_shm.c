@@ -162,7 +162,8 @@ struct fxs_comm {
     struct helper_arg *hargs;
     _Atomic uint32_t job_gen, job_sleepers, job_left;
     _Atomic int helpers_stop;
-    int job_reduce;
+    int job_kind; /* JOB_COPY, JOB_REDUCE or JOB_GATHER */
+    size_t job_part; /* JOB_GATHER: elements per source part (part q comes from job_srcs[q]) */
     char *job_dst;
     const char *job_src;
     size_t job_count, job_es;
@@ -521,7 +522,9 @@ static void part_range(size_t m, int n, int q, size_t *a, size_t *b) {
  */
 
 #define PAR_MIN_BYTES ((size_t)256 * 1024)
-#define HELPER_SPIN 20000
+#define HELPER_SPIN 8000
+
+enum { JOB_COPY, JOB_REDUCE, JOB_GATHER };
 
 struct helper_arg {
     fxs_comm *c;
@@ -536,8 +539,16 @@ static void job_part(fxs_comm *c, int idx) {
     if (a >= c->job_count) return;
     if (b > c->job_count) b = c->job_count;
     size_t es = c->job_es;
-    if (!c->job_reduce) {
+    if (c->job_kind == JOB_COPY) {
         memcpy(c->job_dst + a * es, c->job_src + a * es, (b - a) * es);
+        return;
+    }
+    if (c->job_kind == JOB_GATHER) { /* dst[i] = part (i / job_part) of the sources, at the same offset */
+        for (size_t i = a; i < b;) {
+            size_t q = i / c->job_part, end = min_sz(b, (q + 1) * c->job_part);
+            memcpy(c->job_dst + i * es, (const char *)c->job_srcs[q] + i * es, (end - i) * es);
+            i = end;
+        }
         return;
     }
     const void **srcs = c->job_part_srcs + (size_t)idx * (size_t)c->n;
@@ -628,7 +639,7 @@ static void pcopy(fxs_comm *c, void *dst, const void *src, size_t bytes) {
         memcpy(dst, src, bytes);
         return;
     }
-    c->job_reduce = 0;
+    c->job_kind = JOB_COPY;
     c->job_dst = (char *)dst;
     c->job_src = (const char *)src;
     c->job_count = bytes;
@@ -643,7 +654,7 @@ static void preduce(fxs_comm *c, fxs_reduce_fn fn, void *dst, const void *const 
         fn(dst, srcs, nsrc, count, avg_n);
         return;
     }
-    c->job_reduce = 1;
+    c->job_kind = JOB_REDUCE;
     c->job_dst = (char *)dst;
     c->job_count = count;
     c->job_es = es;
@@ -651,6 +662,23 @@ static void preduce(fxs_comm *c, fxs_reduce_fn fn, void *dst, const void *const 
     c->job_srcs = srcs;
     c->job_nsrc = nsrc;
     c->job_avg = avg_n;
+    par_run(c);
+}
+
+/* dst[0, count) from parts of ``per`` elements: part q is srcs[q] (indexed like dst), split
+ * over the helper threads as one job when large (the all-gather half of an allreduce). */
+static void pgather(fxs_comm *c, void *dst, const void *const *srcs, size_t per, size_t count, size_t es) {
+    if (!parallel(c, count * es)) {
+        for (size_t i = 0, q = 0; i < count; i += per, q++)
+            memcpy((char *)dst + i * es, (const char *)srcs[q] + i * es, min_sz(per, count - i) * es);
+        return;
+    }
+    c->job_kind = JOB_GATHER;
+    c->job_dst = (char *)dst;
+    c->job_srcs = srcs;
+    c->job_part = per;
+    c->job_count = count;
+    c->job_es = es;
     par_run(c);
 }
 
@@ -712,10 +740,9 @@ static int reduce_common(fxs_comm *c, const char *send, char *recv, uint64_t cou
             continue;
         }
         if ((rc = exchange(c, -1, 0))) return rc;
-        for (int q = 0; q < n; q++) {
-            part_range(m, n, q, &a, &b);
-            if (b > a) pcopy(c, recv + (off + a) * es, slot(c, q, c->seq) + a * es, (b - a) * es);
-        }
+        for (int q = 0; q < n; q++) c->srcs[q] = slot(c, q, c->seq);
+        part_range(m, n, 0, &a, &b);
+        pgather(c, recv + off * es, c->srcs, b, m, es); /* parts of part_range's size b (part 0 is [0, b)) */
     }
     return FXS_OK;
 }

@@ -62,7 +62,7 @@ class Config:
     shm_buffer: int | None = None
     """FLAGCX_SHM_BUFFER: staging bytes per rank of the shm transport's collectives (suffix K/M/G allowed); default 1M."""
     shm_threads: int | None = None
-    """FLAGCX_SHM_THREADS: threads per rank that split the shm transport's large copies and reductions; default the rank's share of the cpus it may run on (cpus / ranks, at most 8)."""
+    """FLAGCX_SHM_THREADS: threads per rank that split the shm transport's large copies and reductions; default the rank's share of 3/4 of the cpus it may run on (at most 8; 1 when ranks fill the cpus)."""
     shm_p2p_buffer: int | None = None
     """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); default 256K, less beyond 16 ranks."""
     socket_ifname: str | None = None

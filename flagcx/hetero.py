@@ -320,10 +320,15 @@ class HeteroAdapter(Adapter):
         module = torch.get_device_module(t.device.type)
         event = module.Event()
         event.record(module.current_stream(t.device))
-        deadline = time.monotonic() + self.ctx.timeout
+        start = time.monotonic()
+        deadline = start + self.ctx.timeout
         delay = 1e-5
         while not event.query():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start < 5e-4:  # the first half millisecond: yield only (a sleep's wake-up costs 50-100 us)
+                time.sleep(0)
+                continue
+            if now > deadline:
                 raise FlagcxTimeout(
                     f"device work of a heterogeneous op on {self.comm.name} not finished after {self.ctx.timeout:g} s "
                     "(a peer of the device cluster did not arrive); abort the communicator and create a new one",
@@ -550,10 +555,9 @@ class HeteroAdapter(Adapter):
             world.allreduce(send, recv, op).wait()
             return
         host = self._pinned(send)
-        host.copy_(send)
+        host.copy_(send)  # waits for the caller's stream (the data is there once it returns)
         world.allreduce(host, host, op).wait()
-        self._to_device(host, recv)
-        self._finish_device(recv)
+        recv.copy_(host)  # synchronous: nothing else is queued before it, so it cannot wait on a peer
 
     def _allreduce_hierarchical(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> None:
         """Chunk by chunk (chunk k on lane k % lanes): intra reduce to positions -> peer allreduce -> intra spread."""

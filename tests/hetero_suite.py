@@ -32,10 +32,14 @@ def shm_usable() -> bool:
 
 
 def cluster_env(labels: str, adapters: Mapping[str, str], chunk: Optional[str] = None, lanes: int = 0) -> Callable[[int], dict]:
-    """Per-rank env: rank r gets cluster ``labels[r]`` and that cluster's CPU adapter (plus staging chunk / lanes)."""
+    """Per-rank env: rank r gets cluster ``labels[r]`` and that cluster's CPU adapter (plus staging chunk / lanes).
+
+    The ranks see no GPU (CUDA_VISIBLE_DEVICES=""): these clusters are CPU clusters by
+    label, also on a GPU machine (where every rank would otherwise open NCCL on one device).
+    """
 
     def env(rank: int) -> dict:
-        out = {"FLAGCX_CLUSTER_ID": f"cl-{labels[rank]}", "FLAGCX_CPU_ADAPTER": adapters[labels[rank]]}
+        out = {"FLAGCX_CLUSTER_ID": f"cl-{labels[rank]}", "FLAGCX_CPU_ADAPTER": adapters[labels[rank]], "CUDA_VISIBLE_DEVICES": ""}
         if chunk:
             out["FLAGCX_HETERO_CHUNK"] = chunk
         if lanes:
