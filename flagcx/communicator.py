@@ -505,7 +505,7 @@ class Communicator:
         Only for reductions the adapter computes as called (no dtype mapping, no
         emulation), and only for op spellings that are singletons, so the cache stays small.
         """
-        if self._hetero is None and (isinstance(op, (ReduceOp, str)) or type(op).__name__ == "RedOpType"):
+        if isinstance(op, (ReduceOp, str)) or type(op).__name__ == "RedOpType":
             self._fast_reduce[(t.device, t.dtype, op)] = (adapter, native)
 
     @staticmethod
