@@ -618,6 +618,7 @@ static void par_run(fxs_comm *c) {
     job_part(c, 0);
     int spins = 0;
     while (atomic_load_explicit(&c->job_left, memory_order_acquire)) {
+        if (atomic_load_explicit(&c->helpers_stop, memory_order_relaxed)) break; /* closed under us (abort from another thread) */
         if (++spins < 4096) {
             cpu_relax();
         } else {

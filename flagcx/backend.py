@@ -10,6 +10,7 @@ ProcessGroup every tensor whatever the backend string says.
 
 from __future__ import annotations
 
+import functools
 import gc
 import queue
 import threading
@@ -117,9 +118,7 @@ class FlagcxWork(dist.Work):
         return self._future
 
 
-_COMPLETED: list[FlagcxWork] = []
-
-
+@functools.cache
 def _completed() -> FlagcxWork:
     """One finished Work shared by every synchronous call that completed in place.
 
@@ -127,9 +126,7 @@ def _completed() -> FlagcxWork:
     None), so building a new one per call (a C++ object behind a Python one) is pure
     cost on the decode path; an asynchronous call always gets its own.
     """
-    if not _COMPLETED:
-        _COMPLETED.append(FlagcxWork(None))
-    return _COMPLETED[0]
+    return FlagcxWork(None)
 
 
 def _op_of(opts: Any) -> Any:

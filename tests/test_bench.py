@@ -494,6 +494,29 @@ def test_json_document_and_csv_rows(tmp_path):
     assert got[2]["wrong"] == ""
 
 
+def test_plot_has_latency_and_bandwidth_panels_with_byte_ticks():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    assert [export.byte_label(x) for x in (8, 512, 1024, 65536, 1 << 20, 3 << 29)] == ["8 B", "512 B", "1 KiB", "64 KiB", "1 MiB", "1.5 GiB"]
+    rows = [Row(s, s // 4, "float", "sum", -1, Timing(1.0 + s / 1e3, s / 1e3, s / 1e3, 0), Timing(0.5 + s / 1e3, 1.0, 1.0, 0)) for s in (8, 1024, 1 << 20)]
+    runs = [_run(rows), _run(rows[:2], backend="gloo"), Run("allgather", "all_gather_perf", "flagcx", "x", 2, 20, rows)]
+    fig = export.plot_figure(runs, "the title", "2026-12-06 on host, backends: flagcx, gloo")
+    try:
+        axes = fig.axes
+        assert [a.get_title() for a in axes] == ["allreduce: latency", "allreduce: bus bandwidth", "allgather: latency", "allgather: bus bandwidth"]
+        lat, bw = axes[0], axes[1]
+        assert (lat.get_xscale(), lat.get_yscale(), bw.get_xscale(), bw.get_yscale()) == ("log", "log", "log", "linear")
+        fig.canvas.draw()
+        assert [t.get_text() for t in lat.get_xticklabels()] == ["8 B", "64 B", "512 B", "4 KiB", "32 KiB", "256 KiB"]
+        styles = {(line.get_label(), line.get_linestyle()) for line in lat.lines}
+        assert styles == {("flagcx", "-"), ("flagcx in-place", "--"), ("gloo", "-"), ("gloo in-place", "--")}
+        assert [line.get_ydata()[0] for line in lat.lines if line.get_label() == "flagcx"] == [1.008]  # time, not bandwidth
+        assert fig._suptitle.get_text() == "the title" and any("backends: flagcx, gloo" in t.get_text() for t in fig.texts)
+    finally:
+        plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- real runs
 
 ROW = re.compile(r"^ {0,11}\d+ +\d+ +\S+ +\S+ +-?\d+  ")

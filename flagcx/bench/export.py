@@ -233,6 +233,15 @@ def _size_axis(ax: Any, sizes: Sequence[int]) -> None:
 
 
 def write_plot(path: str, runs: Sequence[Run], title: str, caption: str) -> None:
+    """Write :func:`plot_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(runs, title, caption)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_figure(runs: Sequence[Run], title: str, caption: str) -> Any:
     """Per collective, a latency panel (log-log) and a bus-bandwidth panel; out-of-place solid, in-place dashed."""
     try:
         import matplotlib
@@ -271,5 +280,4 @@ def write_plot(path: str, runs: Sequence[Run], title: str, caption: str) -> None
     fig.suptitle(title, fontsize="large")
     fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize="small", color="0.3")
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
