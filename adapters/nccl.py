@@ -223,7 +223,7 @@ class NcclAdapter(Adapter):
     def _track(self, op: str) -> None:
         """Record the launch just enqueued on the current stream (nothing inside a group or a graph capture).
 
-        One event per launch (torch's ProcessGroupNCCL records two); finished launches are
+        One event per launch (as torch's ProcessGroupNCCL records per work); finished launches are
         dropped in batches once 64 are queued, so a launch pays about one event query. The
         stream is found by its handle (what the launch itself used); a cached torch Stream
         for a handle records on that very stream, whichever Python object made it current.
