@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 _LEVELS = {
-    "": logging.WARNING,
     "WARN": logging.WARNING,
     "WARNING": logging.WARNING,
     "ERROR": logging.ERROR,
@@ -35,8 +34,8 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 class Config:
     """A snapshot of the FLAGCX_* environment."""
 
-    debug: str
-    """FLAGCX_DEBUG: log level (WARN, INFO, DEBUG)."""
+    debug: str | None
+    """FLAGCX_DEBUG: log level (WARN, INFO, DEBUG) of flagcx's own stderr handler; unset, flagcx's records go to the application's logging."""
     timeout: float | None
     """FLAGCX_TIMEOUT: seconds; overrides the timeout given to a communicator."""
     cpu_adapter: str
@@ -214,7 +213,7 @@ def _parse_plugins(raw: str | None) -> tuple[str, ...]:
 
 def _load() -> Config:
     return Config(
-        debug=(_env("FLAGCX_DEBUG") or "WARN").upper(),
+        debug=(_env("FLAGCX_DEBUG") or "").upper() or None,
         timeout=_parse_timeout(_env("FLAGCX_TIMEOUT")),
         cpu_adapter=_parse_cpu_adapter(_env("FLAGCX_CPU_ADAPTER"), _env("FLAGCX_VENDOR_BACKEND")),
         host_id=_env("FLAGCX_HOST_ID"),
@@ -256,15 +255,28 @@ def reload() -> Config:
     return get()
 
 
-def _setup_logging(level_name: str) -> None:
+def _setup_logging(level_name: str | None) -> None:
+    """FLAGCX_DEBUG set: flagcx's records at that level to its own stderr handler (and not on to the root logger).
+
+    Unset: the ``flagcx`` logger has no handler and no level of its own, so records
+    propagate to whatever the application configured (Python's last-resort handler
+    prints warnings when it configured nothing), as a library's logging should.
+    """
     logger = logging.getLogger("flagcx")
+    ours = [h for h in logger.handlers if getattr(h, "_flagcx", False)]
+    if level_name is None:
+        for handler in ours:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+        return
     level = _LEVELS.get(level_name)
     if level is None:
         raise ConfigError(f"FLAGCX_DEBUG={level_name!r} is not one of WARN, INFO, DEBUG")
     logger.setLevel(level)
-    if not any(getattr(h, "_flagcx", False) for h in logger.handlers):
+    if not ours:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("flagcx %(process)d %(levelname)s %(name)s: %(message)s"))
         handler._flagcx = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        logger.propagate = False
+    logger.propagate = False

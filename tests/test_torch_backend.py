@@ -13,3 +13,30 @@ def test_torch_ops(nproc):
 def test_mixed_backend_string():
     outcome = run_suite("tests.torch_suite:torch_ops", 2, env={"FLAGCX_TEST_BACKEND": "cpu:gloo,cuda:flagcx"})
     assert_passed(outcome, min_checks=100)
+
+
+def test_dist_reduce_ops_reach_the_communicator_fast_path(tmp_path):
+    """torch hands a new ReduceOp object per call; the backend passes its RedOpType, which the fast path caches on."""
+    import torch
+    import torch._C._distributed_c10d as c10d
+    import torch.distributed as dist
+
+    from flagcx import Communicator
+    from flagcx.backend import _op_of
+
+    def opts(op):
+        o = c10d.AllreduceOptions()
+        o.reduceOp = op
+        return o
+
+    assert _op_of(opts(dist.ReduceOp.MAX)) == dist.ReduceOp.RedOpType.MAX
+    premul = dist._make_nccl_premul_sum(2.0)
+    assert _op_of(opts(premul)) is not None and not isinstance(_op_of(opts(premul)), dist.ReduceOp.RedOpType)
+    comm = Communicator(dist.FileStore(str(tmp_path / "store"), 1), 0, 1, name="fast")
+    try:
+        t = torch.ones(5)
+        comm.all_reduce(t, _op_of(opts(dist.ReduceOp.SUM)))  # the first call takes the checked path and remembers
+        assert (t.device, t.dtype, _op_of(opts(dist.ReduceOp.SUM))) in comm._fast_reduce
+        assert torch.equal(t, torch.ones(5))
+    finally:
+        comm.destroy()
