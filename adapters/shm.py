@@ -29,6 +29,7 @@ import torch
 from .. import config
 from ..bootstrap import store_allgather, store_broadcast
 from ..errors import BuildError, CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
+from ..topology.detect import usable_cpus
 from ..types import REDUCE_DTYPES, ReduceOp
 from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
 
@@ -62,8 +63,7 @@ def default_threads(ranks: int) -> int:
     own threads (and torch's, and the OS's) need: with every core busy, a preempted
     helper stalls its whole step (measured: 1-4 MiB calls ranged over 15x on 16 cores).
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_THREADS, cpus * 3 // 4 // max(ranks, 1)))
+    return max(1, min(MAX_THREADS, usable_cpus() * 3 // 4 // max(ranks, 1)))
 
 DEFAULT_P2P_BUFFER = 256 << 10
 """Ring bytes per ordered pair of ranks when FLAGCX_SHM_P2P_BUFFER is unset (less beyond 16 ranks)."""

@@ -160,7 +160,7 @@ def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
             d2h, h2d = -slowest(-d2h), -slowest(-h2d)  # the slowest GPU rank's bandwidth
         comm.barrier()
         copy_bytes = membound.buffer_bytes(nbytes)
-        host_copy = 2 * copy_bytes / slowest(membound.local_seconds(copy_bytes)[0]) / 1e9
+        host_copy = 2 * copy_bytes / slowest(membound.local_seconds(copy_bytes, add=False)[0]) / 1e9
         host_bound_us = membound.BYTES_PER_RANK * nbytes / (host_copy * 1e3)
         stage_bound_us = max(host_bound_us, nbytes / (d2h * 1e3), nbytes / (h2d * 1e3))
         row = {

@@ -117,8 +117,13 @@ class PlanChooser:
         return self.ORDER[calls], calls >= self.WARMUP
 
     def record(self, nbytes: int, seconds: Optional[float], agree: Callable[[list[float]], list[float]]) -> None:
-        """Count a call of the class (``seconds`` when it was timed); after the last, agree with the other ranks and choose."""
+        """Count a call of the class (``seconds`` when it was timed); after the last, agree with the other ranks and choose.
+
+        Nothing to count with a fixed plan or a class already decided.
+        """
         cls = nbytes.bit_length()
+        if self.fixed is not None or cls in self.chosen:
+            return
         samples = self._samples[cls]
         samples.append(float("inf") if seconds is None else seconds)
         if len(samples) < len(self.ORDER):
@@ -538,8 +543,7 @@ class HeteroAdapter(Adapter):
             self._allreduce_flat(send, recv, op)
         else:
             self._allreduce_hierarchical(send, recv, op)
-        if self.plans.fixed is None and send.nbytes.bit_length() not in self.plans.chosen:
-            self.plans.record(send.nbytes, time.perf_counter() - start if timed else None, self._slowest)
+        self.plans.record(send.nbytes, time.perf_counter() - start if timed else None, self._slowest)
         return DONE
 
     def _slowest(self, seconds: list[float]) -> list[float]:

@@ -249,6 +249,11 @@ def _cpulist(text: str) -> set[int]:
     return cpus
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, or the machine's count where there is none."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @lru_cache(maxsize=1)
 def _cpu_numa_node() -> int:
     """The NUMA node holding every CPU this process may run on, else -1."""

@@ -85,11 +85,11 @@ def buffer_bytes(max_bytes: int) -> int:
     return max(MIN_BYTES, min(max_bytes, MAX_BUFFER))
 
 
-def local_seconds(nbytes: int, repeats: int = REPEATS) -> tuple[float, float]:
-    """(copy, add) seconds of this rank on ``nbytes``-byte float32 host buffers (call it on every rank at once)."""
+def local_seconds(nbytes: int, repeats: int = REPEATS, add: bool = True) -> tuple[float, float]:
+    """(copy, add) seconds of this rank on ``nbytes``-byte float32 host buffers; add is 0.0 unless asked (call it on every rank at once)."""
     a = torch.ones(nbytes // 4, dtype=torch.float32)
     b = torch.ones_like(a)
-    return median_seconds(lambda: a.copy_(b), repeats), median_seconds(lambda: a.add_(b), repeats)
+    return median_seconds(lambda: a.copy_(b), repeats), median_seconds(lambda: a.add_(b), repeats) if add else 0.0
 
 
 def measure(control: Control, max_bytes: int, cpus: int, local_ranks: int, repeats: int = REPEATS) -> MemoryBandwidth:
@@ -102,7 +102,7 @@ def measure(control: Control, max_bytes: int, cpus: int, local_ranks: int, repea
     torch.set_num_threads(threads)
     try:
         control.barrier()
-        all_core_s = local_seconds(nbytes, repeats)[0]
+        all_core_s, _ = local_seconds(nbytes, repeats, add=False)
     finally:
         torch.set_num_threads(before)
     copy_s, add_s, all_core_s = control.max_each([copy_s, add_s, all_core_s])

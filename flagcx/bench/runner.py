@@ -10,7 +10,6 @@ warm-up, the timed loop (:mod:`flagcx.bench.timing`), then validation.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Callable, Optional, Union
@@ -20,6 +19,7 @@ import torch.distributed as dist
 
 from ..bootstrap import LaunchEnv, store_allgather, store_from_env
 from ..errors import FlagcxError, InvalidArgument
+from ..topology.detect import usable_cpus
 from . import bound, data, memory, report, timing
 from .backends import Backend, make_backend
 from .colls import COLLECTIVES, Collective, allocate
@@ -167,11 +167,6 @@ class Sweep:
         return Timing(seconds * 1e6, algbw, coll.busbw(algbw, self.size), wrong, [s * 1e6 for s in slowest])
 
 
-def _cpus() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _device(opts: Options, env: LaunchEnv) -> torch.device:
     if opts.device == "cpu":
         return torch.device("cpu")
@@ -241,7 +236,7 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
         info = versions(opts.backends, opts.device)
         membw = None
         if opts.device == "cpu" and "allreduce" in opts.collectives and opts.max_bytes >= bound.MIN_BYTES:
-            membw = bound.measure(control, opts.max_bytes, _cpus(), env.local_size)
+            membw = bound.measure(control, opts.max_bytes, usable_cpus(), env.local_size)
         sweep = Sweep(opts, rank, size, device, control, emit, Progress(lead))
         runs: list[Run] = []
         for coll_name in opts.collectives:
@@ -260,7 +255,7 @@ def run_job(opts: Options, env: LaunchEnv, store: Optional[dist.Store] = None) -
                     opts.graph_replays,
                     device_lines,
                     load,
-                    _cpus(),
+                    usable_cpus(),
                     env.local_size,
                 )
             )
