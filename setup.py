@@ -8,7 +8,7 @@ collectives over Gloo (``ShmAdapter.unavailable_reason()`` says why).
 
 import contextlib
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext

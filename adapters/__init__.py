@@ -12,23 +12,17 @@ from __future__ import annotations
 import importlib
 
 from ..errors import FlagcxError
-from .base import ADAPTER_API_VERSION, DONE, Adapter, AdapterContext, Capabilities, Handle
-
-_BUILTIN = {
-    "gloo": "flagcx.adapters.gloo:GlooAdapter",
-    "nccl": "flagcx.adapters.nccl:NcclAdapter",
-    "mpi": "flagcx.adapters.mpi:MpiAdapter",
-    "shm": "flagcx.adapters.shm:ShmAdapter",
-}
+from .base import ADAPTER_API_VERSION, ALL_OPS, DONE, Adapter, AdapterContext, Capabilities, Handle, all_of, then
+from .names import BUILTIN, KEYWORDS
 
 
 def builtin_names() -> list[str]:
-    return sorted(_BUILTIN)
+    return sorted(BUILTIN)
 
 
 def adapter_class(name: str) -> type[Adapter]:
     """The adapter class registered under ``name`` (imported on first use): builtins, then ``torch_pg:<backend>``, then plugins."""
-    target = _BUILTIN.get(name)
+    target = BUILTIN.get(name)
     if target is not None:
         module_name, _, attr = target.partition(":")
         return getattr(importlib.import_module(module_name), attr)
@@ -53,11 +47,16 @@ def adapter_class(name: str) -> type[Adapter]:
 
 __all__ = [
     "ADAPTER_API_VERSION",
+    "ALL_OPS",
+    "BUILTIN",
     "DONE",
+    "KEYWORDS",
     "Adapter",
     "AdapterContext",
     "Capabilities",
     "Handle",
     "adapter_class",
+    "all_of",
     "builtin_names",
+    "then",
 ]

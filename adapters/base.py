@@ -9,13 +9,18 @@ is the core's job. An adapter knows nothing about torch.distributed's process gr
 Data-movement ops (allgather, broadcast, gather, scatter, alltoall(v), send, recv)
 receive uint8 byte views, so adapters need no dtype logic for them; reductions
 receive the real dtype, restricted to ``capabilities.reduce_dtypes`` and
-``capabilities.reduce_ops``. In-place calls pass the same tensor (or, for
-allgather/reducescatter, the NCCL in-place layout) as send and recv.
+``capabilities.reduce_ops``. An adapter that declares ``ReduceOp.PREMUL_SUM`` there
+receives that op with a keyword ``factor`` (a float: the result is the SUM of
+``factor * x``) in allreduce, reducescatter and reduce; for the others the core
+scales the input and asks for SUM. In-place calls pass the same tensor (or, for
+allgather/reducescatter, the NCCL in-place layout) as send and recv. ``capabilities.ops``
+lists the ops an adapter implements; the core refuses the others with NotSupported.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -53,9 +58,9 @@ class Capabilities:
     reduce_dtypes: frozenset[torch.dtype]
     """dtypes allowed in allreduce / reducescatter / reduce."""
     reduce_ops: frozenset[ReduceOp]
-    """Reduce ops computed natively (the core emulates AVG and PREMUL_SUM on top of SUM)."""
+    """Reduce ops computed natively (the core emulates AVG and PREMUL_SUM on top of SUM; PREMUL_SUM here: the reductions take ``factor``)."""
     ops: frozenset[str] = ALL_OPS
-    """Collective names from ALL_OPS the adapter implements."""
+    """Collective names from ALL_OPS the adapter implements (the core raises NotSupported for the others)."""
     any_source: bool = False
     """recv(peer=None) receives from whichever rank sends first."""
     stream_ordered: bool = False
@@ -96,6 +101,57 @@ class _Done(Handle):
 
 DONE: Handle = _Done()
 """The handle of an operation that completed before the call returned."""
+
+
+class _AllOf(Handle):
+    """Several handles posted together, completed in order."""
+
+    __slots__ = ("_handles",)
+
+    def __init__(self, handles: list[Handle]) -> None:
+        self._handles = handles
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        for h in self._handles:
+            h.wait(timeout)
+
+    def done(self) -> bool:
+        return all(h.done() for h in self._handles)
+
+
+def all_of(handles: Sequence[Handle]) -> Handle:
+    """One handle over ``handles`` (DONE ones dropped)."""
+    pending = [h for h in handles if h is not DONE]
+    if not pending:
+        return DONE
+    return pending[0] if len(pending) == 1 else _AllOf(pending)
+
+
+class _Then(Handle):
+    """A handle plus follow-up steps (a copy back to the device...) run once, after it completes."""
+
+    __slots__ = ("_handle", "_steps", "_finished")
+
+    def __init__(self, handle: Handle, steps: Sequence[Callable[[], object]]) -> None:
+        self._handle = handle
+        self._steps = list(steps)
+        self._finished = False
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        if self._finished:
+            return
+        self._handle.wait(timeout)
+        for step in self._steps:
+            step()
+        self._finished = True
+
+    def done(self) -> bool:
+        return self._finished or self._handle.done()
+
+
+def then(handle: Handle, *steps: Callable[[], object]) -> Handle:
+    """``handle`` followed by ``steps`` on wait."""
+    return _Then(handle, steps)
 
 
 @dataclass

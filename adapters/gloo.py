@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch._C._distributed_c10d as c10d
+import torch.distributed as dist
 from torch._C._distributed_c10d import ProcessGroupGloo
 
 from ..bootstrap import PeerReport, hostname_address, route_address, select_interface
@@ -86,7 +87,7 @@ class GlooHandle(Handle):
 
     __slots__ = ("_work", "_what", "_timeout", "_finished", "_adapter", "_collective", "_error")
 
-    def __init__(self, work: dist.Work, what: str, adapter: "GlooAdapter", collective: bool) -> None:
+    def __init__(self, work: dist.Work, what: str, adapter: GlooAdapter, collective: bool) -> None:
         self._work = work
         self._what = what
         self._timeout = adapter.ctx.timeout
@@ -154,7 +155,7 @@ class GlooAdapter(Adapter):
             raise translate_error(exc, f"creating the Gloo transport of {ctx.label}", ctx.timeout, ctx.rank, self._peers.explain()) from exc
 
     @property
-    def _pg(self) -> ProcessGroupGloo:
+    def _pg(self) -> Any:
         """The Gloo backend; CommAborted once an op failed or the adapter was closed."""
         pg = self._backend
         if pg is None or self._broken is not None:
@@ -221,15 +222,15 @@ class GlooAdapter(Adapter):
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
         opts = c10d.GatherOptions()
         opts.rootRank = root
-        outputs = [list(recv.chunk(self.size))] if self.rank == root else []
-        if self.rank == root and recv.numel() == 0:
+        outputs = [list(recv.chunk(self.size))] if recv is not None and self.rank == root else []
+        if recv is not None and self.rank == root and recv.numel() == 0:
             outputs = [[recv.new_empty(0) for _ in range(self.size)]]
         return self._post(lambda pg: pg.gather(outputs, [send], opts), "gather")
 
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
         opts = c10d.ScatterOptions()
         opts.rootRank = root
-        inputs = [list(send.view(self.size, -1).unbind(0))] if self.rank == root else []
+        inputs = [list(send.view(self.size, -1).unbind(0))] if send is not None and self.rank == root else []
         return self._post(lambda pg: pg.scatter([recv], inputs, opts), "scatter")
 
     def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
@@ -268,4 +269,3 @@ class GlooAdapter(Adapter):
                 pg.shutdown()
             except Exception:
                 pass
-

@@ -33,7 +33,8 @@ import importlib.util
 import os
 import time
 import zlib
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
@@ -83,7 +84,7 @@ class MpiHandle(Handle):
 
     def __init__(
         self,
-        adapter: "MpiAdapter",
+        adapter: MpiAdapter,
         req: Any,
         op: str,
         keep: tuple,
@@ -276,7 +277,7 @@ class MpiAdapter(Adapter):
         return [_buf(t), self._types[t.dtype]]
 
     def _what(self, op: str, peer: Optional[int]) -> str:
-        if op == "send":
+        if op == "send" and peer is not None:
             return f"send to {self.ctx.peer_name(peer)} on {self.ctx.label}"
         if op == "recv":
             return f"recv from {'any source' if peer is None else self.ctx.peer_name(peer)} on {self.ctx.label}"
@@ -303,16 +304,12 @@ class MpiAdapter(Adapter):
                 if not status.Is_cancelled():
                     return
                 raise FlagcxTimeout(
-                    f"{what}: nothing arrived within {limit:g} s (the sender crashed, did not send, or is blocked); "
-                    "the recv was cancelled",
+                    f"{what}: nothing arrived within {limit:g} s (the sender crashed, did not send, or is blocked); the recv was cancelled",
                     op="recv",
                     rank=self.rank,
                 )
         self._orphans.append((req, handle._keep))  # MPI may still write into these buffers
-        self._broken = (
-            f"the MPI communicator of {self.ctx.label} is unusable after '{what}' timed out; "
-            "destroy this communicator and create a new one"
-        )
+        self._broken = f"the MPI communicator of {self.ctx.label} is unusable after '{what}' timed out; destroy this communicator and create a new one"
         peers = self._peers.explain() if handle._op != "send" else ""
         raise FlagcxTimeout(
             f"{what}: not complete within {limit:g} s ({peers or 'a peer crashed, did not call it, or is blocked in another call'}); "

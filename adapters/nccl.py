@@ -26,7 +26,10 @@ import logging
 import threading
 import time
 import zlib
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -38,6 +41,8 @@ from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
 from . import nccl_lib
 from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
+from .nccl_p2p import P2PBatch, QueuedP2P
+from .nccl_watch import WatchedLaunches
 
 log = logging.getLogger("flagcx.nccl")
 
@@ -51,6 +56,7 @@ _DTYPES = {
     torch.float32: nccl_lib.FLOAT32,
     torch.float64: nccl_lib.FLOAT64,
 }
+_DTYPE_OF = {code: dtype for dtype, code in _DTYPES.items()}
 _OPS = {
     ReduceOp.SUM: nccl_lib.SUM,
     ReduceOp.PROD: nccl_lib.PROD,
@@ -61,52 +67,7 @@ _OPS = {
 _FIRST_WITH_AVG_AND_BF16 = (2, 10, 0)
 
 
-class _Batch:
-    """Queued send/recv launched together; ``events`` (per raw stream) once launched, or the launch error."""
-
-    __slots__ = ("events", "error")
-
-    def __init__(self) -> None:
-        self.events: Optional[dict[int, torch.cuda.Event]] = None
-        self.error: Optional[BaseException] = None
-
-
-class P2PHandle(Handle):
-    """A queued send or recv: waiting launches the queue, then orders the caller's stream after it."""
-
-    __slots__ = ("_adapter", "_batch", "_stream")
-
-    def __init__(self, adapter: "NcclAdapter", batch: _Batch, stream: int) -> None:
-        self._adapter = adapter
-        self._batch = batch
-        self._stream = stream
-
-    def _launched(self) -> dict[int, torch.cuda.Event]:
-        batch = self._batch
-        if batch.events is None and batch.error is None:
-            self._adapter._flush()
-        if batch.error is not None:
-            raise batch.error
-        assert batch.events is not None
-        return batch.events
-
-    def wait(self, timeout: Optional[float] = None) -> None:
-        if self._adapter._failed is not None:
-            raise self._adapter._failed
-        event = self._launched()[self._stream]
-        current = torch.cuda.current_stream(self._adapter._device)
-        if current.cuda_stream != self._stream:
-            current.wait_event(event)
-
-    def done(self) -> bool:
-        try:
-            events = self._launched()
-        except FlagcxError:
-            return True  # finished, with an error that wait() raises
-        return events[self._stream].query()
-
-
-class NcclAdapter(Adapter):
+class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
     """Collectives and p2p on CUDA streams through NCCL (see the module docstring for the stream and p2p rules)."""
 
     name = "nccl"
@@ -157,7 +118,7 @@ class NcclAdapter(Adapter):
         log.info("%s: rank %d/%d NCCL communicator on cuda:%d (%s %s)", ctx.label, ctx.rank, ctx.size, index, lib.prefix, lib.version_string)
 
     @classmethod
-    def _wrap(cls, ctx: AdapterContext, lib: nccl_lib.NcclLib, comm: Any, index: int) -> "NcclAdapter":
+    def _wrap(cls, ctx: AdapterContext, lib: nccl_lib.NcclLib, comm: Any, index: int) -> NcclAdapter:
         adapter = cls.__new__(cls)
         Adapter.__init__(adapter, ctx)
         adapter._bind(lib, comm, index)
@@ -186,17 +147,18 @@ class NcclAdapter(Adapter):
         self._group_start = lib.GroupStart
         self._group_end = lib.GroupEnd
         self._pending: list[tuple[bool, torch.Tensor, int, torch.cuda.Stream]] = []
-        self._batch = _Batch()
+        self._batch = P2PBatch()
         self._depth = 0
         self._async_out = lib.ffi.new("int*")
         self._barrier_buf: Optional[torch.Tensor] = None
         self._splits = 0
+        if lib.RedOpCreatePreMulSum is not None and lib.RedOpDestroy is not None:  # NCCL >= 2.11: PREMUL_SUM in one kernel
+            self.capabilities = replace(self.capabilities, reduce_ops=self.capabilities.reduce_ops | {ReduceOp.PREMUL_SUM})
         if lib.version < _FIRST_WITH_AVG_AND_BF16:
-            self.capabilities = Capabilities(
-                devices=self.capabilities.devices,
+            self.capabilities = replace(
+                self.capabilities,
                 reduce_dtypes=self.capabilities.reduce_dtypes - {torch.bfloat16},
                 reduce_ops=self.capabilities.reduce_ops - {ReduceOp.AVG},
-                stream_ordered=True,
             )
         self._watched = config.get().nccl_watchdog
         if self._watched:
@@ -210,67 +172,6 @@ class NcclAdapter(Adapter):
         if comm is None:
             raise self._failed or CommAborted(f"the NCCL communicator of {self.ctx.label} was aborted or destroyed; create a new one", rank=self.rank)
         return comm
-
-    # ------------------------------------------------------------------ watchdog (see flagcx.watchdog)
-    @property
-    def watch_timeout(self) -> float:
-        return self.ctx.timeout
-
-    @property
-    def watch_label(self) -> str:
-        return self.ctx.label
-
-    def _track(self, op: str) -> None:
-        """Record the launch just enqueued on the current stream (nothing inside a group or a graph capture).
-
-        One event per launch (as torch's ProcessGroupNCCL records per work); finished launches are
-        dropped in batches once 64 are queued, so a launch pays about one event query. The
-        stream is found by its handle (what the launch itself used); a cached torch Stream
-        for a handle records on that very stream, whichever Python object made it current.
-        """
-        if self._depth or self._capturing():
-            return
-        raw = self._raw_stream(self._index)
-        stream = self._streams.get(raw)
-        if stream is None:  # one torch Stream object per CUDA stream: building one per launch costs more than the record
-            if len(self._streams) >= 64:
-                self._streams.clear()
-            stream = self._streams[raw] = torch.cuda.current_stream(self._device)
-        event = self._spare_events.pop() if self._spare_events else torch.cuda.Event()
-        self._record(event, stream)
-        with self._watch_lock:
-            self._launches.append((time.monotonic(), op, event, True))
-            if len(self._launches) >= 64:
-                self._prune()
-
-    def _prune(self) -> None:
-        """Drop finished launches from the front (the lock is held)."""
-        launches = self._launches
-        while launches:
-            _, _, event, spare = launches[0]
-            try:
-                finished = event.query()
-            except Exception:  # not queryable (recorded under a capture): not a launch to wait for
-                finished = True
-            if not finished:
-                return
-            launches.popleft()
-            if spare and len(self._spare_events) < 64:
-                self._spare_events.append(event)
-
-    def oldest_pending(self) -> Optional[tuple[float, str]]:
-        """(time.monotonic() at launch, op) of the oldest launch not finished on the device."""
-        with self._watch_lock:
-            self._prune()
-            return self._launches[0][:2] if self._launches else None
-
-    def peer_report(self) -> str:
-        return self._peers.explain()
-
-    def fail(self, exc: FlagcxError) -> None:
-        """Called by the watchdog: keep ``exc`` for the next call or wait, then ncclCommAbort."""
-        self._failed = exc
-        self.abort()
 
     # ------------------------------------------------------------------ errors
     def _error(self, rc: int, call: str, op: str) -> FlagcxError:
@@ -298,17 +199,41 @@ class NcclAdapter(Adapter):
             raise NotSupported(f"NCCL has no datatype for {t.dtype}; supported: {', '.join(map(str, _DTYPES))}", op=op)
         return dt
 
+    @contextmanager
+    def _red_op(self, op: ReduceOp, factor: Optional[float], dt: int, name: str) -> Iterator[int]:
+        """NCCL's reduce op for ``op``; PREMUL_SUM gets a custom op (ncclRedOpCreatePreMulSum) for the call's lifetime."""
+        if op is not ReduceOp.PREMUL_SUM:
+            yield _OPS[op]
+            return
+        lib = self._lib
+        scalar = torch.tensor([factor], dtype=_DTYPE_OF[dt])  # host memory, read before the create call returns
+        op_out = lib.ffi.new("int*")
+        rc = lib.RedOpCreatePreMulSum(op_out, lib.ffi.cast("void*", scalar.data_ptr()), dt, nccl_lib.SCALAR_HOST_IMMEDIATE, self._comm)
+        if rc:
+            raise self._error(rc, "RedOpCreatePreMulSum", name)
+        try:
+            yield op_out[0]
+        finally:
+            lib.RedOpDestroy(op_out[0], self._comm)  # allowed once the last call using the op has returned
+
+    def _checked(self, rc: int, call: str, op: str) -> Handle:
+        """The end of every launch: a nonzero code becomes a FlagcxError; the launch is tracked for the watchdog."""
+        if rc:
+            raise self._error(rc, call, op)
+        if self._watched:
+            self._track(op)
+        return DONE
+
     # ------------------------------------------------------------------ collectives
-    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, factor: Optional[float] = None) -> Handle:
         if self._pending:
             self._flush()
         n = send.numel()
         if n:
-            rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allreduce"), _OPS[op], self._comm, self._raw_stream(self._index))
-            if rc:
-                raise self._error(rc, "AllReduce", "allreduce")
-            if self._watched:
-                self._track("allreduce")
+            dt = self._dtype(send, "allreduce")
+            with self._red_op(op, factor, dt, "allreduce") as red:
+                rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, dt, red, self._comm, self._raw_stream(self._index))
+            return self._checked(rc, "AllReduce", "allreduce")
         return DONE
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
@@ -319,26 +244,20 @@ class NcclAdapter(Adapter):
             if overlaps(send, recv) and send.data_ptr() != recv.data_ptr() + self.rank * n * send.element_size():
                 send = send.clone()  # NCCL defines only the in-place layout (send is this rank's block of recv)
             rc = self._allgather(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allgather"), self._comm, self._raw_stream(self._index))
-            if rc:
-                raise self._error(rc, "AllGather", "allgather")
-            if self._watched:
-                self._track("allgather")
+            return self._checked(rc, "AllGather", "allgather")
         return DONE
 
-    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, factor: Optional[float] = None) -> Handle:
         if self._pending:
             self._flush()
         n = recv.numel()
         if n:
             if overlaps(send, recv) and recv.data_ptr() != send.data_ptr() + self.rank * n * send.element_size():
                 send = send.clone()  # NCCL defines only the in-place layout (recv is this rank's block of send)
-            rc = self._reducescatter(
-                send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "reducescatter"), _OPS[op], self._comm, self._raw_stream(self._index)
-            )
-            if rc:
-                raise self._error(rc, "ReduceScatter", "reducescatter")
-            if self._watched:
-                self._track("reducescatter")
+            dt = self._dtype(send, "reducescatter")
+            with self._red_op(op, factor, dt, "reducescatter") as red:
+                rc = self._reducescatter(send.data_ptr(), recv.data_ptr(), n, dt, red, self._comm, self._raw_stream(self._index))
+            return self._checked(rc, "ReduceScatter", "reducescatter")
         return DONE
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
@@ -348,24 +267,18 @@ class NcclAdapter(Adapter):
         if n:
             ptr = tensor.data_ptr()
             rc = self._broadcast(ptr, ptr, n, self._dtype(tensor, "broadcast"), root, self._comm, self._raw_stream(self._index))
-            if rc:
-                raise self._error(rc, "Broadcast", "broadcast")
-            if self._watched:
-                self._track("broadcast")
+            return self._checked(rc, "Broadcast", "broadcast")
         return DONE
 
-    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
+    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int, factor: Optional[float] = None) -> Handle:
         if self._pending:
             self._flush()
         n = send.numel()
         if n:
-            rc = self._reduce(
-                send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "reduce"), _OPS[op], root, self._comm, self._raw_stream(self._index)
-            )
-            if rc:
-                raise self._error(rc, "Reduce", "reduce")
-            if self._watched:
-                self._track("reduce")
+            dt = self._dtype(send, "reduce")
+            with self._red_op(op, factor, dt, "reduce") as red:
+                rc = self._reduce(send.data_ptr(), recv.data_ptr(), n, dt, red, root, self._comm, self._raw_stream(self._index))
+            return self._checked(rc, "Reduce", "reduce")
         return DONE
 
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
@@ -459,62 +372,6 @@ class NcclAdapter(Adapter):
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
-    # ------------------------------------------------------------------ point to point
-    def send(self, tensor: torch.Tensor, peer: int) -> Handle:
-        return self._p2p(True, tensor, peer)
-
-    def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
-        if peer is None:
-            raise NotSupported("NCCL cannot receive from any source; pass the sending rank", op="recv", rank=self.rank)
-        return self._p2p(False, tensor, peer)
-
-    def _p2p(self, is_send: bool, tensor: torch.Tensor, peer: int) -> Handle:
-        n = tensor.numel()
-        if not n:
-            return DONE
-        if self._depth:
-            fn, call = (self._send, "Send") if is_send else (self._recv, "Recv")
-            rc = fn(tensor.data_ptr(), n, self._dtype(tensor, call.lower()), peer, self._comm, self._raw_stream(self._index))
-            if rc:
-                raise self._error(rc, call, f"{call.lower()} with {self.ctx.peer_name(peer)}")
-            return DONE
-        stream = torch.cuda.current_stream(self._device)
-        self._pending.append((is_send, tensor, peer, stream))
-        return P2PHandle(self, self._batch, stream.cuda_stream)
-
-    def _flush(self) -> None:
-        """Launch every queued send/recv inside one NCCL group, each on the stream it was posted on."""
-        pending, self._pending = self._pending, []
-        batch, self._batch = self._batch, _Batch()
-        comm = self._comm
-        err = None
-        rc = self._group_start()
-        if rc:
-            err = self._error(rc, "GroupStart", "send/recv")
-        else:
-            for is_send, tensor, peer, stream in pending:
-                fn, call = (self._send, "Send") if is_send else (self._recv, "Recv")
-                rc = fn(tensor.data_ptr(), tensor.numel(), self._dtype(tensor, call.lower()), peer, comm, stream.cuda_stream)
-                if rc and err is None:
-                    err = self._error(rc, call, f"{call.lower()} with {self.ctx.peer_name(peer)}")
-            rc = self._group_end()
-            if rc and err is None:
-                err = self._error(rc, "GroupEnd", "send/recv")
-        if err is not None:
-            batch.error = err
-            raise err
-        events: dict[int, torch.cuda.Event] = {}
-        for _, _, _, stream in pending:
-            if stream.cuda_stream not in events:
-                event = torch.cuda.Event()
-                event.record(stream)
-                events[stream.cuda_stream] = event
-        batch.events = events
-        if self._watched and not torch.cuda.is_current_stream_capturing():
-            now = time.monotonic()
-            with self._watch_lock:
-                self._launches.extend((now, "send/recv", event, False) for event in events.values())
-
     def group_start(self) -> None:
         if self._pending:
             self._flush()
@@ -534,34 +391,6 @@ class NcclAdapter(Adapter):
             self._track("group")
 
     # ------------------------------------------------------------------ extras beyond the contract
-    def allreduce_premul(self, send: torch.Tensor, recv: torch.Tensor, factor: float) -> Handle:
-        """SUM of ``factor * x`` in one NCCL kernel (ncclRedOpCreatePreMulSum, NCCL >= 2.11), floating dtypes only."""
-        lib = self._lib
-        if lib.RedOpCreatePreMulSum is None or lib.RedOpDestroy is None:
-            raise NotSupported(f"{lib.prefix}RedOpCreatePreMulSum is missing from {lib.path} (needs NCCL >= 2.11)", op="allreduce", rank=self.rank)
-        if send.dtype not in FLOAT_DTYPES:
-            raise NotSupported(f"PREMUL_SUM needs a floating dtype, got {send.dtype}", op="allreduce", rank=self.rank)
-        if self._pending:
-            self._flush()
-        n = send.numel()
-        if not n:
-            return DONE
-        dt = self._dtype(send, "allreduce")
-        scalar = torch.tensor([factor], dtype=send.dtype)  # host memory, read before the create call returns
-        op_out = lib.ffi.new("int*")
-        rc = lib.RedOpCreatePreMulSum(op_out, lib.ffi.cast("void*", scalar.data_ptr()), dt, nccl_lib.SCALAR_HOST_IMMEDIATE, self._comm)
-        if rc:
-            raise self._error(rc, "RedOpCreatePreMulSum", "allreduce")
-        try:
-            rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, dt, op_out[0], self._comm, self._raw_stream(self._index))
-            if rc:
-                raise self._error(rc, "AllReduce", "allreduce")
-            if self._watched:
-                self._track("allreduce")
-        finally:
-            lib.RedOpDestroy(op_out[0], self._comm)  # allowed once the last call using the op has returned
-        return DONE
-
     def register(self, tensor: torch.Tensor) -> Any:
         """Register ``tensor``'s memory with the communicator (ncclCommRegister, NCCL >= 2.19); returns the handle for :meth:`deregister`."""
         lib = self._lib
@@ -583,7 +412,7 @@ class NcclAdapter(Adapter):
             raise self._error(rc, "CommDeregister", "deregister")
 
     # ------------------------------------------------------------------ subgroups and lifetime
-    def split(self, ranks_or_color: Union[Sequence[int], int], key: Optional[int] = None) -> Optional["NcclAdapter"]:
+    def split(self, ranks_or_color: Union[Sequence[int], int], key: Optional[int] = None) -> Optional[NcclAdapter]:
         """A child adapter from ncclCommSplit; every rank of this adapter must call it.
 
         ``ranks_or_color`` is either the list of member ranks (child ranks follow its
@@ -626,7 +455,7 @@ class NcclAdapter(Adapter):
             log.warning("%s: %d queued send/recv dropped (communicator %s before they were launched)", self.ctx.label, len(self._pending), why)
             self._batch.error = CommAborted(f"communicator {self.ctx.label} was {why} before this send/recv was launched", op="send/recv", rank=self.rank)
             self._pending = []
-            self._batch = _Batch()
+            self._batch = P2PBatch()
 
     def _release(self) -> Any:
         """Detach the communicator (None when already gone) and stop watching it."""

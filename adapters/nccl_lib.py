@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import cffi
 
@@ -162,6 +162,10 @@ def _error_class(rc: int) -> type[FlagcxError]:
 class NcclLib:
     """One loaded NCCL-API library: its functions (attributes named by suffix, e.g. ``lib.AllReduce``), version and errors."""
 
+    if TYPE_CHECKING:  # the functions are set from the cdef table at load time
+
+        def __getattr__(self, name: str) -> Any: ...
+
     def __init__(self, path: str, prefix: str, source: str = "explicit") -> None:
         self.path = path
         self.prefix = prefix
@@ -189,8 +193,7 @@ class NcclLib:
             setattr(self, f.suffix, fn)
         if missing:
             raise LibraryError(
-                f"{path} ({source}) lacks required symbol(s) {', '.join(missing)}: it is not an NCCL-API library with prefix "
-                f"{prefix!r}, or it is too old",
+                f"{path} ({source}) lacks required symbol(s) {', '.join(missing)}: it is not an NCCL-API library with prefix {prefix!r}, or it is too old",
                 f"{INSTALL_HINT}, or declare the right prefix with FLAGCX_NCCL_CLONES={os.path.basename(path)}:<prefix>",
             )
         out = self.ffi.new("int*")

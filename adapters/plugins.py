@@ -23,7 +23,7 @@ import importlib
 import inspect
 import logging
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib.metadata import entry_points
 from typing import Any, Optional
 
@@ -33,13 +33,14 @@ from ..config import get as get_config
 from ..errors import FlagcxError
 from ..types import ReduceOp
 from .base import ADAPTER_API_VERSION, ALL_OPS, Adapter, Capabilities
+from .names import BUILTIN, KEYWORDS
 
 log = logging.getLogger("flagcx.adapters")
 
 ENTRY_POINT_GROUP = "flagcx.adapters"
 """The entry-point group third-party packages register adapters in (name -> ``module:Class``)."""
 
-RESERVED = frozenset({"auto", "gloo", "mpi", "nccl", "shm", "torch_pg", "hetero"})
+RESERVED = frozenset(BUILTIN) | KEYWORDS
 """Names plugins may not take (builtins and selection keywords)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -56,7 +57,9 @@ def validate(obj: Any, origin: str, expected_name: Optional[str] = None) -> type
     declared = any("api_version" in vars(c) for c in obj.__mro__ if c is not Adapter and issubclass(c, Adapter))
     version = getattr(obj, "api_version", None)
     if not declared:
-        raise _refuse(origin, "the class declares no api_version", f"set api_version = {ADAPTER_API_VERSION} once it implements contract version {ADAPTER_API_VERSION}")
+        raise _refuse(
+            origin, "the class declares no api_version", f"set api_version = {ADAPTER_API_VERSION} once it implements contract version {ADAPTER_API_VERSION}"
+        )
     if version != ADAPTER_API_VERSION:
         raise _refuse(
             origin,
@@ -72,7 +75,11 @@ def validate(obj: Any, origin: str, expected_name: Optional[str] = None) -> type
         raise _refuse(origin, f"the class is named {name!r} but registered as {expected_name!r}", "make the entry-point name equal the class's name")
     caps = getattr(obj, "capabilities", None)
     if not isinstance(caps, Capabilities):
-        raise _refuse(origin, "the class has no capabilities (a flagcx.adapters.Capabilities class attribute)", "declare capabilities = Capabilities(devices=..., reduce_dtypes=..., reduce_ops=...)")
+        raise _refuse(
+            origin,
+            "the class has no capabilities (a flagcx.adapters.Capabilities class attribute)",
+            "declare capabilities = Capabilities(devices=..., reduce_dtypes=..., reduce_ops=...)",
+        )
     problems = []
     if not caps.devices or not all(isinstance(d, str) for d in caps.devices):
         problems.append(f"devices {set(caps.devices)!r} must name torch device types")
@@ -82,11 +89,19 @@ def validate(obj: Any, origin: str, expected_name: Optional[str] = None) -> type
         problems.append("reduce_ops must hold flagcx.ReduceOp members")
     if not all(isinstance(d, torch.dtype) for d in caps.reduce_dtypes):
         problems.append("reduce_dtypes must hold torch dtypes")
+    if ReduceOp.PREMUL_SUM in caps.reduce_ops:
+        lacking = [m for m in ("allreduce", "reducescatter", "reduce") if "factor" not in inspect.signature(getattr(obj, m)).parameters]
+        if lacking:
+            problems.append(f"PREMUL_SUM is declared but {', '.join(lacking)} take no 'factor' keyword (the premultiplier the core passes)")
     if problems:
         raise _refuse(origin, "; ".join(problems), "fix the Capabilities declaration")
     missing = sorted(getattr(obj, "__abstractmethods__", ()))
     if missing:
-        raise _refuse(origin, f"it leaves abstract methods unimplemented: {', '.join(missing)}", "implement every op of the contract (raise NotSupported where the transport lacks one)")
+        raise _refuse(
+            origin,
+            f"it leaves abstract methods unimplemented: {', '.join(missing)}",
+            "implement every op of the contract (raise NotSupported where the transport lacks one)",
+        )
     return obj
 
 
@@ -125,7 +140,7 @@ def _env_plugins(targets: tuple[str, ...]) -> dict[str, type[Adapter]]:
     return classes
 
 
-@lru_cache(maxsize=None)
+@cache
 def _entry_point_class(name: str, target: str) -> type[Adapter]:
     return load_target(target, f"{name!r} ({target}, entry point group {ENTRY_POINT_GROUP!r})", expected_name=name)
 

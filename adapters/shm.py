@@ -34,7 +34,7 @@ from ..types import REDUCE_DTYPES, ReduceOp
 from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
 
 try:
-    from .. import _shm
+    from .. import _shm  # type: ignore[attr-defined]  # the compiled module (cffi)
 except ImportError as _exc:  # not compiled at install time (no C compiler / Python headers)
     _shm = None
     _IMPORT_ERROR: Optional[BaseException] = _exc
@@ -46,30 +46,16 @@ log = logging.getLogger("flagcx.shm")
 SEGMENT_PREFIX = "flagcx-"
 """Name prefix of the segments in /dev/shm (followed by 32 random hex digits)."""
 
-DEFAULT_BUFFER = 1 << 20
-"""Staging bytes per rank for collectives when FLAGCX_SHM_BUFFER is unset (halves of 512 KiB stay in L2)."""
-
-THREADED_BUFFER = 4 << 20
-"""Staging bytes per rank when rank 0 splits large ops over several threads: each thread's range of a step stays large."""
-
-MAX_THREADS = 8
-"""Default threads per rank at most (FLAGCX_SHM_THREADS unset)."""
-
 
 def default_threads(ranks: int) -> int:
-    """This rank's share of three quarters of the cpus it may run on, at most MAX_THREADS (1 when ranks fill them).
+    """This rank's share of three quarters of the cpus it may run on, at most config.MAX_SHM_THREADS (1 when ranks fill them).
 
     The quarter left over keeps spinning helpers from taking the cores that the ranks'
     own threads (and torch's, and the OS's) need: with every core busy, a preempted
     helper stalls its whole step (measured: 1-4 MiB calls ranged over 15x on 16 cores).
     """
-    return max(1, min(MAX_THREADS, usable_cpus() * 3 // 4 // max(ranks, 1)))
+    return max(1, min(config.MAX_SHM_THREADS, usable_cpus() * 3 // 4 // max(ranks, 1)))
 
-DEFAULT_P2P_BUFFER = 256 << 10
-"""Ring bytes per ordered pair of ranks when FLAGCX_SHM_P2P_BUFFER is unset (less beyond 16 ranks)."""
-
-P2P_BUDGET = 4 << 20
-"""Default ring bytes per rank over all its peers: rings shrink (to 16 KiB at least) for large groups."""
 
 if _shm is not None:
     _ffi, _lib = _shm.ffi, _shm.lib
@@ -107,10 +93,10 @@ class ShmHandle(Handle):
 
     __slots__ = ("_op", "_adapter", "_tensor", "_what", "_finished", "__weakref__")
 
-    def __init__(self, op, adapter: "ShmAdapter", tensor: torch.Tensor, what: str) -> None:
+    def __init__(self, op, adapter: ShmAdapter, tensor: torch.Tensor, what: str) -> None:
         self._op = op
         self._adapter = adapter
-        self._tensor = tensor  # kept alive while C may still touch it
+        self._tensor: Optional[torch.Tensor] = tensor  # kept alive while C may still touch it
         self._what = what
         self._finished = False
 
@@ -127,7 +113,7 @@ class ShmHandle(Handle):
             moved = _lib.fxs_op_progress(self._op)
             raise FlagcxTimeout(
                 f"{self._what} on communicator {self._adapter.ctx.label} did not finish within {limit:g} s "
-                f"({moved} of {self._tensor.numel()} bytes moved); the peer is alive but has not posted "
+                f"({moved} of {self._tensor.numel() if self._tensor is not None else 0} bytes moved); the peer is alive but has not posted "
                 "the matching call (or is blocked elsewhere)",
                 rank=self._adapter.rank,
             )
@@ -171,8 +157,8 @@ class ShmAdapter(Adapter):
             raise BuildError(reason, op="init", rank=ctx.rank)
         cfg = config.get()
         threads = cfg.shm_threads or default_threads(ctx.size)
-        slot = cfg.shm_buffer or (THREADED_BUFFER if threads > 1 else DEFAULT_BUFFER)
-        ring = cfg.shm_p2p_buffer or max(16 << 10, min(DEFAULT_P2P_BUFFER, P2P_BUDGET // max(1, ctx.size - 1)))
+        slot = cfg.shm_buffer or (config.THREADED_SHM_BUFFER if threads > 1 else config.DEFAULT_SHM_BUFFER)
+        ring = cfg.shm_p2p_buffer or max(16 << 10, min(config.DEFAULT_SHM_P2P_BUFFER, config.SHM_P2P_BUDGET // max(1, ctx.size - 1)))
         what = f"creating the shm transport of {ctx.label}"
         self._c = None
         self._inflight: list[ShmHandle] = []  # keeps tensors alive while the progress thread may use them
@@ -224,6 +210,7 @@ class ShmAdapter(Adapter):
             detail = "; ".join(f"{ctx.peer_name(r)}: {msg}" for r, msg in bad)
             raise FlagcxError(f"{what} failed: {detail}", op="init", rank=ctx.rank)
         self._c = out[0]
+        assert name is not None
         return name
 
     @staticmethod

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
+from functools import cache
 from typing import Any, ClassVar, Optional
 
 import torch
-import torch.distributed as dist
 import torch._C._distributed_c10d as c10d
+import torch.distributed as dist
 
 from ..config import get as get_config
 from ..errors import FlagcxError, FlagcxTimeout, NotSupported
@@ -152,7 +152,7 @@ class QueuedHandle(Handle):
 
     __slots__ = ("_adapter", "_batch")
 
-    def __init__(self, adapter: "TorchPGAdapter", batch: _Batch) -> None:
+    def __init__(self, adapter: TorchPGAdapter, batch: _Batch) -> None:
         self._adapter = adapter
         self._batch = batch
 
@@ -460,7 +460,7 @@ class TorchPGAdapter(Adapter):
             pass
 
 
-@lru_cache(maxsize=None)
+@cache
 def bound(backend: str) -> type[TorchPGAdapter]:
     """The torch_pg adapter class for c10d backend ``backend`` (what ``adapter_class("torch_pg:<backend>")`` returns)."""
     name = backend.lower()

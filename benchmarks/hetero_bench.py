@@ -36,8 +36,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -104,7 +105,7 @@ def _staging(size: int, reps: int = 5) -> tuple[float, float]:
 
 
 def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
-    from flagcx import Communicator
+    from flagcx import Communicator, ReduceOp
     from flagcx.bench import bound as membound
 
     is_gpu = ns.gpus > 0 and rank < ns.gpus
@@ -115,7 +116,8 @@ def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
     comm = Communicator.from_env(name="hbench")
     hetero = comm._hetero
     assert hetero is not None, "the ranks formed one cluster: nothing heterogeneous to measure"
-    world = hetero.world
+    world = hetero.lanes.world
+    world_host = world.adapter(torch.device("cpu"), "bench")
 
     def slowest(value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64)
@@ -145,10 +147,10 @@ def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
         def flat() -> None:
             if host is None:
                 y.copy_(x)
-                world.all_reduce(y)
+                world_host.allreduce(y, y, ReduceOp.SUM).wait()
             else:
                 host.copy_(x)
-                world.all_reduce(host)
+                world_host.allreduce(host, host, ReduceOp.SUM).wait()
                 y.copy_(host)
 
         t_flat = timed(flat, iters)
@@ -186,11 +188,11 @@ def _worker(rank: int, size: int, ns: argparse.Namespace) -> Optional[dict]:
         "ranks": size,
         "gpu_ranks": ns.gpus,
         "clusters": [{"label": c.label, "ranks": list(c.ranks), "device_type": c.device_type} for c in comm.clusters],
-        "chunk_bytes": hetero.chunk,
-        "lanes": hetero.nlanes,
-        "peer_transport": hetero.peer.adapter_name("cpu") if hetero.peer is not None else None,
+        "chunk_bytes": hetero.lanes.chunk,
+        "lanes": hetero.lanes.nlanes,
+        "peer_transport": hetero.lanes.peer.adapter_name("cpu") if hetero.lanes.peer is not None else None,
         "world_transport": world.adapter_name("cpu"),
-        "intra_adapter": hetero.intra.adapter_name(device) if hetero.intra is not None else None,
+        "intra_adapter": hetero.lanes.intra.adapter_name(device) if hetero.lanes.intra is not None else None,
         "gpu": torch.cuda.get_device_name(0) if is_gpu else None,
     }
     comm.destroy()

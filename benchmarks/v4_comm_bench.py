@@ -116,26 +116,36 @@ def bench_rank(rank: int, size: int, args: argparse.Namespace) -> dict | None:
                 elt = full.element_size()
                 cases.append(
                     {
-                        "tokens": tokens, "hidden": hidden,
-                        "naive_bytes": tokens * hidden * elt, "nested_ar_bytes": rows * hidden * elt,
+                        "tokens": tokens,
+                        "hidden": hidden,
+                        "naive_bytes": tokens * hidden * elt,
+                        "nested_ar_bytes": rows * hidden * elt,
                         "nested_ag_out_bytes": rows * plan.replicas * hidden * elt,
-                        "naive_allreduce_us": naive, "nested_allreduce_us": ar, "nested_allgather_us": ag,
-                        "nested_total_us": total, "nested_over_naive": total / naive if naive else None,
+                        "naive_allreduce_us": naive,
+                        "nested_allreduce_us": ar,
+                        "nested_allgather_us": ag,
+                        "nested_total_us": total,
+                        "nested_over_naive": total / naive if naive else None,
                     }
                 )
         if rank != 0:
             return None
         return {
             "benchmark": "v4_comm_bench",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": _commit(),
             "device": _device_name(device),
             "torch": torch.__version__,
             "backend": args.backend,
             "adapter": _adapter(groups.tp, device),
-            "world_size": size, "tp": plan.tp, "ogroup_tp": plan.ogroup_tp, "replicas": plan.replicas,
+            "world_size": size,
+            "tp": plan.tp,
+            "ogroup_tp": plan.ogroup_tp,
+            "replicas": plan.replicas,
             "hosts": sorted({str(h) for h in plan.hosts}),
-            "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters,
+            "dtype": args.dtype,
+            "warmup": args.warmup,
+            "iters": args.iters,
             "stat": "median over iterations of the max over ranks, microseconds",
             "cases": cases,
         }
@@ -163,16 +173,17 @@ def markdown(result: dict) -> str:
     )
     rows = [
         f"| {c['tokens']} | {c['hidden']} | {c['naive_allreduce_us']:.1f} | {c['nested_allreduce_us']:.1f} | "
-        f"{c['nested_allgather_us']:.1f} | {c['nested_total_us']:.1f} | "
-        + (f"{c['nested_over_naive']:.2f} |" if c["nested_over_naive"] is not None else "- |")
+        f"{c['nested_allgather_us']:.1f} | {c['nested_total_us']:.1f} | " + (f"{c['nested_over_naive']:.2f} |" if c["nested_over_naive"] is not None else "- |")
         for c in result["cases"]
     ]
     return head + "\n".join(rows) + "\n"
 
 
 def write(result: dict, args: argparse.Namespace) -> Path:
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        f"v4_comm_{args.device}_w{result['world_size']}_tp{result['tp']}_otp{result['ogroup_tp']}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "benchmarks" / "results" / (f"v4_comm_{args.device}_w{result['world_size']}_tp{result['tp']}_otp{result['ogroup_tp']}.json")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

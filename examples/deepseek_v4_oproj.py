@@ -136,17 +136,30 @@ def main(argv: list[str] | None = None) -> int:
         ok = worst <= tol
         if rank == 0:
             print(plan.describe())
-            print(f"world {world} tp {args.tp} ogroup_tp {args.ogroup_tp} tokens {args.tokens} {args.dtype} on {args.device}: "
-                  f"max error {worst:.3e} relative (tolerance {tol:g}) {'OK' if ok else 'MISMATCH'}", flush=True)
+            print(
+                f"world {world} tp {args.tp} ogroup_tp {args.ogroup_tp} tokens {args.tokens} {args.dtype} on {args.device}: "
+                f"max error {worst:.3e} relative (tolerance {tol:g}) {'OK' if ok else 'MISMATCH'}",
+                flush=True,
+            )
             if args.report:
                 with open(args.report, "w") as f:
                     json.dump(
                         {
-                            "world_size": world, "tp": plan.tp, "ogroup_tp": plan.ogroup_tp, "o_groups": plan.o_groups,
-                            "hosts": [str(h) for h in plan.hosts], "tp_groups": plan.tp_groups,
-                            "ogroup_tp_groups": plan.ogroup_tp_groups, "ogroup_replica_groups": plan.ogroup_replica_groups,
-                            "cross_host_blocks": plan.cross_host_blocks, "max_rel_error": worst, "tolerance": tol,
-                            "dtype": args.dtype, "tokens": args.tokens, "ok": ok, "wall_s": time.perf_counter() - start,
+                            "world_size": world,
+                            "tp": plan.tp,
+                            "ogroup_tp": plan.ogroup_tp,
+                            "o_groups": plan.o_groups,
+                            "hosts": [str(h) for h in plan.hosts],
+                            "tp_groups": plan.tp_groups,
+                            "ogroup_tp_groups": plan.ogroup_tp_groups,
+                            "ogroup_replica_groups": plan.ogroup_replica_groups,
+                            "cross_host_blocks": plan.cross_host_blocks,
+                            "max_rel_error": worst,
+                            "tolerance": tol,
+                            "dtype": args.dtype,
+                            "tokens": args.tokens,
+                            "ok": ok,
+                            "wall_s": time.perf_counter() - start,
                         },
                         f,
                         indent=1,

@@ -7,8 +7,8 @@ engine-facing :class:`Communicator` works without torch.distributed's global sta
 from __future__ import annotations
 
 from . import config
-from .backend import ProcessGroupFlagcx, monitored_barrier, register
-from .communicator import DEFAULT_TIMEOUT, Communicator
+from .config import DEFAULT_TIMEOUT
+from .core.communicator import Communicator
 from .errors import (
     BuildError,
     CommAborted,
@@ -19,6 +19,7 @@ from .errors import (
     NotSupported,
     RemoteError,
 )
+from .frontends.process_group import ProcessGroupFlagcx, monitored_barrier, register
 from .types import PremulSum, ReduceOp
 from .work import Work
 

@@ -14,14 +14,17 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Optional, TypeVar
 
 import torch.distributed as dist
 
 from .config import get as get_config
 from .errors import FlagcxError, FlagcxTimeout, InvalidArgument
+
+T = TypeVar("T")
 
 
 def _missing(store, keys: list[str]) -> list[int]:
@@ -56,8 +59,7 @@ def store_wait(store, keys: list[str], timeout: float, what: str, ranks: Optiona
                 raise FlagcxError(f"{what}: the store failed ({down}); is the store server (rank 0 / the launcher) still running?") from exc
             who = [ranks[i] if ranks else i for i in late]
             raise FlagcxTimeout(
-                f"{what}: rank(s) {who} did not arrive within {timeout:g} s "
-                "(a rank crashed, was not started, or is blocked in another call)"
+                f"{what}: rank(s) {who} did not arrive within {timeout:g} s (a rank crashed, was not started, or is blocked in another call)"
             ) from exc
         raise FlagcxError(f"{what}: the store failed ({exc}); is the store server (rank 0 / the launcher) still running?") from exc
 
@@ -87,15 +89,14 @@ def store_allgather(store, key: str, rank: int, size: int, value: bytes, timeout
         if record.startswith(b"!"):  # another rank's note: the group sizes differ
             raise InvalidArgument(record[1:].decode(errors="replace"), op="init", rank=rank)
         if not sep or not head.isdigit():
-            raise InvalidArgument(f"{what}: a foreign record sits at store key {keys[r]!r}; use a store (or prefix) of its own for every group", op="init", rank=rank)
+            raise InvalidArgument(
+                f"{what}: a foreign record sits at store key {keys[r]!r}; use a store (or prefix) of its own for every group", op="init", rank=rank
+            )
         sizes[r] = int(head)
         values.append(body)
     if len(set(sizes.values()) | {size}) > 1:
         detail = ", ".join(f"rank {r}: {s}" for r, s in sizes.items())
-        note = (
-            f"{what}: the ranks were started with different world / group sizes ({detail}); "
-            "start every rank with the same WORLD_SIZE (or group size)"
-        )
+        note = f"{what}: the ranks were started with different world / group sizes ({detail}); start every rank with the same WORLD_SIZE (or group size)"
         for r in range(size, max(sizes.values())):
             try:
                 store.set(f"{key}/{r}", b"!" + note.encode())
@@ -118,6 +119,24 @@ def store_broadcast(store, key: str, rank: int, root: int, value: Optional[bytes
         raise
     except Exception as exc:
         raise FlagcxError(f"{what}: the store failed ({exc}); is the store server (rank 0 / the launcher) still running?") from exc
+
+
+def require_same(values: Sequence[T], rank: int, what: str, fix: str, *, op: str = "init", ranks: Optional[Sequence[int]] = None) -> T:
+    """The one value every rank holds (``values[i]`` is rank ``ranks[i]``'s), else InvalidArgument listing each rank's.
+
+    Every rank holds the same list, so all of them raise together and none is left waiting.
+    """
+    if len(set(values)) > 1:
+        names = ranks if ranks is not None else range(len(values))
+        detail = ", ".join(f"rank {r}: {v}" for r, v in zip(names, values))
+        raise InvalidArgument(f"ranks disagree on {what} ({detail}); {fix}", op=op, rank=rank)
+    return values[0]
+
+
+def agree(store, key: str, rank: int, size: int, value: str, timeout: float, what: str, fix: str, *, op: str = "init") -> str:
+    """Exchange ``value`` through the store and return it once every rank holds the same (see :func:`require_same`)."""
+    raw = store_allgather(store, key, rank, size, value.encode(), timeout, f"comparing {what}")
+    return require_same([r.decode() for r in raw], rank, what, fix, op=op)
 
 
 # ---------------------------------------------------------------- naming the peers behind a failure
@@ -212,7 +231,7 @@ class PeerReport:
             for r in waiting:
                 if r not in procs:
                     procs[r] = self._process(r)
-            dead = [r for r in waiting if procs[r] is not None and procs[r][1] == here and not pid_alive(procs[r][0])]
+            dead = [r for r in waiting if (p := procs[r]) is not None and p[1] == here and not pid_alive(p[0])]
             if len(dead) == len(waiting) or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
@@ -220,7 +239,7 @@ class PeerReport:
         for r in waiting:
             proc = procs.get(r)
             who = self._name(r)
-            if r in dead:
+            if r in dead and proc is not None:
                 parts.append(f"{who} died (pid {proc[0]})")
             elif proc is not None and proc[1] == here:
                 parts.append(f"{who} (pid {proc[0]}) is alive but did not reach the failed call within {self._wait:g} s")
@@ -313,11 +332,11 @@ def prepare_env() -> LaunchEnv:
     return env
 
 
-_served: dict[tuple[str, int], "dist.TCPStore"] = {}
+_served: dict[tuple[str, int], dist.TCPStore] = {}
 """The store server this process runs (rank 0 when no launcher serves one), reused by every later communicator."""
 
 
-def store_from_env(timeout: float) -> "dist.Store":
+def store_from_env(timeout: float) -> dist.Store:
     """A TCPStore client/server from MASTER_ADDR/MASTER_PORT (rank 0 serves unless a launcher does).
 
     Rank 0 starts the server once per address and port; later calls (a second
@@ -399,8 +418,9 @@ def hostname_address() -> Optional[str]:
     except OSError:
         return None
     for info in infos:
-        if not _is_loopback(info[4][0]):
-            return info[4][0]
+        addr = str(info[4][0])
+        if not _is_loopback(addr):
+            return addr
     return None
 
 

@@ -24,8 +24,23 @@ _LEVELS = {
     "TRACE": logging.DEBUG,
 }
 
-CPU_ADAPTERS = ("auto", "shm", "gloo", "mpi")
-"""Builtin FLAGCX_CPU_ADAPTER values; any other name must be a registered plugin adapter (checked when a communicator is created)."""
+# ---------------------------------------------------------------- defaults of the variables below
+DEFAULT_TIMEOUT = 600.0
+"""FLAGCX_TIMEOUT unset and no timeout given to the communicator: seconds a blocking wait may last."""
+DEFAULT_HETERO_CHUNK = 4 << 20
+"""FLAGCX_HETERO_CHUNK unset and some cluster drives devices: bytes per staged chunk (no device cluster: unchunked)."""
+DEFAULT_HETERO_LANES = 4
+"""FLAGCX_HETERO_LANES unset and some cluster drives devices: chunks moved in parallel (no device cluster: 1)."""
+DEFAULT_SHM_BUFFER = 1 << 20
+"""FLAGCX_SHM_BUFFER unset, one thread per rank: staging bytes per rank for collectives (halves of 512 KiB stay in L2)."""
+THREADED_SHM_BUFFER = 4 << 20
+"""FLAGCX_SHM_BUFFER unset, several threads per rank: staging bytes per rank (each thread's range of a step stays large)."""
+MAX_SHM_THREADS = 8
+"""FLAGCX_SHM_THREADS unset: threads per rank are the rank's share of 3/4 of its cpus, at most this many."""
+DEFAULT_SHM_P2P_BUFFER = 256 << 10
+"""FLAGCX_SHM_P2P_BUFFER unset: ring bytes per ordered pair of ranks (less beyond 16 ranks, see SHM_P2P_BUDGET)."""
+SHM_P2P_BUDGET = 4 << 20
+"""FLAGCX_SHM_P2P_BUFFER unset: ring bytes per rank over all its peers; rings shrink (to 16 KiB at least) for large groups."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -114,8 +129,7 @@ def _parse_clones(raw: str | None) -> tuple[tuple[str, str], ...]:
         library, prefix = library.strip(), prefix.strip()
         if not sep or not library or not prefix.isidentifier():
             raise ConfigError(
-                f"FLAGCX_NCCL_CLONES entry {item!r} is not 'library:prefix'; "
-                "write e.g. FLAGCX_NCCL_CLONES=libmccl.so:mccl,/opt/x/libfoo.so.1:foo"
+                f"FLAGCX_NCCL_CLONES entry {item!r} is not 'library:prefix'; write e.g. FLAGCX_NCCL_CLONES=libmccl.so:mccl,/opt/x/libfoo.so.1:foo"
             )
         pairs.append((library, prefix))
     return tuple(pairs)
@@ -148,7 +162,9 @@ def _parse_ifname(raw: str | None) -> str | None:
         return None
     names = raw.removeprefix("^").removeprefix("=")
     if not [n for n in names.split(",") if n.strip()]:
-        raise ConfigError(f"FLAGCX_SOCKET_IFNAME={raw!r} names no interface; write e.g. FLAGCX_SOCKET_IFNAME=eth (prefix), =eth0 (exact) or ^docker,lo (exclude)")
+        raise ConfigError(
+            f"FLAGCX_SOCKET_IFNAME={raw!r} names no interface; write e.g. FLAGCX_SOCKET_IFNAME=eth (prefix), =eth0 (exact) or ^docker,lo (exclude)"
+        )
     return raw
 
 
@@ -174,7 +190,7 @@ def _pairs(name: str, raw: str | None, example: str, bare: bool) -> tuple[tuple[
 
 def _parse_vendor_backends(raw: str | None) -> tuple[tuple[str, str], ...]:
     pairs = _pairs("FLAGCX_VENDOR_BACKEND", raw, "npu:hccl,cpu:gloo", bare=True)
-    for device, backend in pairs:
+    for _device, backend in pairs:
         if backend == "flagcx":
             raise ConfigError("FLAGCX_VENDOR_BACKEND cannot name 'flagcx' itself; name the vendor's c10d backend (hccl, cncl, xccl, gloo, nccl...)")
     return pairs
@@ -196,7 +212,7 @@ def _parse_cpu_adapter(raw: str | None, vendor: str | None) -> str:
     if name == "torch_pg":
         raise ConfigError("FLAGCX_CPU_ADAPTER=torch_pg needs a c10d backend; set FLAGCX_VENDOR_BACKEND=cpu:<backend> instead")
     if not _NAME.match(name):
-        raise ConfigError(f"FLAGCX_CPU_ADAPTER={name!r} is not one of {', '.join(CPU_ADAPTERS)} nor a plugin adapter name")
+        raise ConfigError(f"FLAGCX_CPU_ADAPTER={name!r} is not an adapter name; write auto, shm, gloo, mpi or a plugin adapter's name")
     return name
 
 

@@ -26,9 +26,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 EnvSpec = Union[None, Mapping[str, str], Callable[[int], Mapping[str, str]]]
 

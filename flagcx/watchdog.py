@@ -21,7 +21,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Optional, Protocol
 
 from .errors import FlagcxError, FlagcxTimeout
 
@@ -64,7 +65,7 @@ class Watchdog:
         self._clock = clock
         self._max_interval = max_interval
         self._lock = threading.Lock()
-        self._watched: "weakref.WeakSet[Watched]" = weakref.WeakSet()
+        self._watched: weakref.WeakSet[Watched] = weakref.WeakSet()
         self._thread: Optional[threading.Thread] = None
         self._wake = threading.Event()
 

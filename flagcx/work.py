@@ -9,13 +9,15 @@ adapters the steps are stream ops, so ``wait`` never blocks the host.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 
 from .errors import FlagcxError
 
-Step = Callable[[], None]
+Step = Callable[[], object]
+"""A follow-up step of an op (a copy-out, the AVG division...); its return value is ignored."""
 
 
 class Work:

@@ -524,9 +524,7 @@ ROW = re.compile(r"^ {0,11}\d+ +\d+ +\S+ +\S+ +-?\d+  ")
 
 def _bench(*args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLAGCX_TIMEOUT": "60"}
-    return subprocess.run(
-        [sys.executable, "-m", "flagcx.bench", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
-    )
+    return subprocess.run([sys.executable, "-m", "flagcx.bench", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def _tables(stdout: str) -> list[list[str]]:
@@ -647,9 +645,7 @@ def test_real_compare_with_mpi_and_exports(tmp_path):
         assert run["average_bus_bandwidth"]["bandwidth"] == pytest.approx(sum(bws) / len(bws))
     rows = list(csv.DictReader(c.open()))
     assert len(rows) == 3 * 3 * 2
-    assert {(r["backend"], r["mode"], r["status"]) for r in rows} == {
-        (b, m, "ok") for b in ("flagcx", "gloo", "mpi") for m in ("out-of-place", "in-place")
-    }
+    assert {(r["backend"], r["mode"], r["status"]) for r in rows} == {(b, m, "ok") for b in ("flagcx", "gloo", "mpi") for m in ("out-of-place", "in-place")}
     assert all(math.isfinite(float(r["busbw_gbps"])) and r["wrong"] == "0" for r in rows)
     head = png.read_bytes()[:8]
     assert head == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -1,7 +1,7 @@
 """FLAGCX_CHECK=1: call fingerprints are compared across ranks before every collective."""
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 
 def test_check_mode_3_ranks():
-    assert_passed(run_suite("tests.check_suite:check_suite", 3, env={"FLAGCX_CHECK": "1"}), min_checks=20)
+    assert_passed(run_suite("tests.ranks.check_suite:check_suite", 3, env={"FLAGCX_CHECK": "1"}), min_checks=20)

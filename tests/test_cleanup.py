@@ -1,6 +1,6 @@
 """Clean-up: destroy and abort leave no shm segment, socket (fd) or thread behind.
 
-One set of 4 ranks (tests.harness) checks, per CPU transport (Gloo, shm, a heterogeneous
+One set of 4 ranks (tests.helpers.harness) checks, per CPU transport (Gloo, shm, a heterogeneous
 communicator of shm + Gloo clusters) and for the torch.distributed frontend, that
 repeated create -> use -> destroy and create -> use (with async ops and a posted recv
 left pending) -> abort cycles bring this process's file descriptors, OS threads
@@ -19,8 +19,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Iterable
 
 import pytest
 import torch
@@ -29,9 +29,9 @@ import torch.distributed as dist
 from flagcx import CommAborted, Communicator, RemoteError, config
 from flagcx.adapters.shm import SEGMENT_PREFIX, ShmAdapter
 
-from .fault_rank import resources, settled
-from .harness import assert_passed, run_suite
-from .matrix import Check, subgroup_ranks
+from .helpers.harness import assert_passed, run_suite
+from .helpers.matrix import Check, subgroup_ranks
+from .ranks.fault_rank import resources, settled
 
 SHM_OK = ShmAdapter.unavailable_reason(torch.device("cpu")) is None
 CYCLES = 8
@@ -118,8 +118,8 @@ def _baseline() -> dict:
 
 
 def _segments(comm: Communicator) -> list[str]:
-    subs = comm._hetero._subs() if comm._hetero is not None else []
-    return [n for c in (comm, *subs) if (n := getattr(c._adapters.get("cpu"), "segment_name", None))]
+    sets = comm._hetero.lanes.sets() if comm._hetero is not None else [comm._adapters]
+    return [n for s in sets if (n := getattr(s.get("cpu"), "segment_name", None))]
 
 
 def _use(comm: Communicator, pending_recv: bool) -> None:

@@ -4,12 +4,12 @@ import pytest
 
 from flagcx import ConfigError, config
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 
 @pytest.mark.parametrize("nproc", [3, 4])
 def test_conformance(nproc):
-    assert_passed(run_suite("tests.conformance_suite:conformance", nproc), min_checks=15)
+    assert_passed(run_suite("tests.ranks.conformance_suite:conformance", nproc), min_checks=15)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """A job that finished its work exits with status 0, every time, also on a busy machine.
 
-Runs JOBS short 2-rank jobs (tests/exit_job.py: a flagcx world with a Gloo subgroup,
+Runs JOBS short 2-rank jobs (tests/ranks/exit_job.py: a flagcx world with a Gloo subgroup,
 traffic on both, ``destroy_process_group``, then a real interpreter exit) in fresh
 processes while two busy loops load the CPUs. Rank 0 hosts the TCPStore, as under a
 plain ``env://`` launch (the aborts were seen on rank 0). Before flagcx's destroy let torch's
@@ -12,11 +12,11 @@ evidence, not luck (0.875^16 = 12% chance of missing that bug).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
-import socket
 
-from .fault_launch import ROOT
+from .ranks.fault_launch import ROOT
 
 JOBS = 16
 SIZE = 2
@@ -39,7 +39,7 @@ def test_exit_status_is_zero_under_load():
             port = _free_port()
             ranks = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.exit_job"],
+                    [sys.executable, "-m", "tests.ranks.exit_job"],
                     cwd=ROOT,
                     env={**base, "MASTER_PORT": str(port), "RANK": str(r), "LOCAL_RANK": str(r)},
                     stdout=subprocess.PIPE,

@@ -1,6 +1,6 @@
 """Fault injection: dead, stuck, absent and mis-sized peers and a dead store never hang, crash or leak.
 
-Real ranks in real processes (tests/fault_rank.py, forked by tests/fault_launch.py so
+Real ranks in real processes (tests/ranks/fault_rank.py, forked by tests/ranks/fault_launch.py so
 that a SIGKILLed rank does not stop the others): for Gloo, shm and a heterogeneous
 communicator (shm + Gloo clusters), ranks are killed during, before and after a
 collective; the survivors must raise a FlagcxError naming the dead rank within
@@ -40,8 +40,8 @@ from flagcx import Communicator, FlagcxError, FlagcxTimeout, RemoteError
 from flagcx.adapters.shm import ShmAdapter
 from flagcx.watchdog import Watchdog
 
-from .fault_launch import ROOT, run_zygote
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
+from .ranks.fault_launch import ROOT, run_zygote
 
 TIMEOUT = 2.0
 """FLAGCX timeout of the fault runs: how long survivors wait for a stuck or absent rank."""
@@ -82,11 +82,16 @@ def _check_killed(mode: str, out: Path, reports: dict[int, dict], phase: str, vi
             assert p["last_correct"], (mode, phase, r, p["last"])
 
 
-@pytest.mark.parametrize("mode", ["gloo", pytest.param("shm", marks=pytest.mark.skipif(not SHM_OK, reason="shm not built")), pytest.param("hetero", marks=pytest.mark.skipif(not SHM_OK, reason="shm not built"))])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "gloo",
+        pytest.param("shm", marks=pytest.mark.skipif(not SHM_OK, reason="shm not built")),
+        pytest.param("hetero", marks=pytest.mark.skipif(not SHM_OK, reason="shm not built")),
+    ],
+)
 def test_faults(mode, tmp_path):
-    exits, logs = run_zygote(
-        "tests.fault_rank", 7, tmp_path, env=MODES[mode], base_env={"FAULT_MODE": mode, "FAULT_TIMEOUT": str(TIMEOUT)}, limit=150
-    )
+    exits, logs = run_zygote("tests.ranks.fault_rank", 7, tmp_path, env=MODES[mode], base_env={"FAULT_MODE": mode, "FAULT_TIMEOUT": str(TIMEOUT)}, limit=150)
     assert exits == {0: 0, 1: 0, 2: 0, 3: -9, 4: -9, 5: -9, 6: -9}, f"exit codes {exits}; logs: {logs}"
     reports = {r: _load(tmp_path, f"rank{r}.json") for r in range(3)}
     for phase, victim in (("during", 3), ("before", 4), ("after", 5)):
@@ -212,7 +217,7 @@ def test_faults_mpi(tmp_path):
     env.update(FAULT_MODE="mpi", FAULT_TIMEOUT=str(TIMEOUT), FAULT_DIR=str(tmp_path), FLAGCX_CPU_ADAPTER="mpi", OMP_NUM_THREADS="1")
     mpich_segments = set(glob.glob("/dev/shm/mpich_shm_*"))
     proc = subprocess.Popen(
-        [_mpiexec(), "-n", "4", sys.executable, "-m", "tests.fault_rank"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [_mpiexec(), "-n", "4", sys.executable, "-m", "tests.ranks.fault_rank"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         output, _ = proc.communicate(timeout=120)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_gloo_matrix(nproc):
-    assert_passed(run_suite("tests.matrix:comm_matrix", nproc, env={"FLAGCX_CPU_ADAPTER": "gloo"}), min_checks=100)
+    assert_passed(run_suite("tests.helpers.matrix:comm_matrix", nproc, env={"FLAGCX_CPU_ADAPTER": "gloo"}), min_checks=100)

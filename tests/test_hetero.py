@@ -6,8 +6,8 @@ with small staging chunks moved on 3 parallel lanes; 4 ranks in 2 contiguous clu
 torch.distributed frontend on a 2-label job; and init-time configuration errors.
 """
 
-from .harness import assert_passed, run_suite
-from .hetero_suite import cluster_env, shm_usable
+from .helpers.harness import assert_passed, run_suite
+from .ranks.hetero_suite import cluster_env, shm_usable
 
 SHM = "shm" if shm_usable() else "gloo"
 
@@ -19,23 +19,23 @@ def _env(labels: str, adapters: dict, chunk=None, lanes=0):
 
 def test_hetero_three_clusters_interleaved():
     labels = "ABCBCC"
-    outcome = run_suite("tests.hetero_suite:hetero_matrix", 6, env=_env(labels, {"A": SHM, "B": "gloo", "C": SHM}, chunk="64K", lanes=3))
+    outcome = run_suite("tests.ranks.hetero_suite:hetero_matrix", 6, env=_env(labels, {"A": SHM, "B": "gloo", "C": SHM}, chunk="64K", lanes=3))
     assert_passed(outcome, min_checks=300)
 
 
 def test_hetero_two_clusters_of_two():
     labels = "AABB"
-    outcome = run_suite("tests.hetero_suite:hetero_matrix", 4, env=_env(labels, {"A": SHM, "B": "gloo"}))
+    outcome = run_suite("tests.ranks.hetero_suite:hetero_matrix", 4, env=_env(labels, {"A": SHM, "B": "gloo"}))
     assert_passed(outcome, min_checks=300)
 
 
 def test_hetero_torch_distributed():
     labels = "ABBA"
-    assert_passed(run_suite("tests.hetero_suite:torch_hetero", 4, env=_env(labels, {"A": "gloo", "B": SHM})), min_checks=8)
+    assert_passed(run_suite("tests.ranks.hetero_suite:torch_hetero", 4, env=_env(labels, {"A": "gloo", "B": SHM})), min_checks=8)
 
 
 def test_hetero_init_errors():
-    assert_passed(run_suite("tests.hetero_suite:init_errors", 4), min_checks=4)
+    assert_passed(run_suite("tests.ranks.hetero_suite:init_errors", 4), min_checks=4)
 
 
 def test_plan_chooser_times_both_plans_then_keeps_the_faster():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,7 +24,7 @@ def _env(rank: int) -> dict:
 
 
 def test_hetero_cuda_and_cpu_ranks():
-    assert_passed(run_suite("tests.hetero_gpu_suite:hetero_gpu_matrix", 4, env=_env), min_checks=300)
+    assert_passed(run_suite("tests.ranks.hetero_gpu_suite:hetero_gpu_matrix", 4, env=_env), min_checks=300)
 
 
 def test_hetero_bench_smoke(tmp_path):

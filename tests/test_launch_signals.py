@@ -39,8 +39,12 @@ def _alive(pid: int) -> bool:
 def _start_ranks(tmp_path: Path, nproc: int = 2) -> tuple[subprocess.Popen, list[int]]:
     env = {**os.environ, "FLAGCX_TIMEOUT": "60"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flagcx.launch", "--nproc", str(nproc), "tests/sleeping_rank.py", str(tmp_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "flagcx.launch", "--nproc", str(nproc), "tests/ranks/sleeping_rank.py", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("rank*.pid"))) < nproc:
@@ -112,7 +116,11 @@ def test_bench_rows_are_clean_in_a_terminal():
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "flagcx.bench", "allreduce", "-b", "8", "-e", "4K", "-f", "8", "--nproc", "2"],
-        cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+        cwd=ROOT,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
     )
     os.close(slave)
     chunks = []
@@ -146,9 +154,9 @@ def test_backend_flagcx_needs_no_import_under_either_launcher(launcher):
     env = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
     env.update(FLAGCX_TIMEOUT="60", OMP_NUM_THREADS="1")
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "tests/no_import_job.py"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "tests/ranks/no_import_job.py"]
     else:
-        cmd = [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "tests/no_import_job.py"]
+        cmd = [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "tests/ranks/no_import_job.py"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     assert sorted(re.findall(r"rank \d: all_reduce ok", p.stdout)) == ["rank 0: all_reduce ok", "rank 1: all_reduce ok"]

@@ -2,8 +2,8 @@
 layouts and half-precision staging, and timeouts (a rank that skips an op) at 3 ranks.
 
 Every rank is a process started by ``mpiexec`` (the PyPI mpich wheel's, beside
-``sys.executable``, else the one on PATH) running ``tests.mpi_runner``; rank 0 writes
-every rank's outcomes as JSON and ``tests.harness.assert_passed`` reports them.
+``sys.executable``, else the one on PATH) running ``tests.ranks.mpi_runner``; rank 0 writes
+every rank's outcomes as JSON and ``tests.helpers.harness.assert_passed`` reports them.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import pytest
 import torch
 
 from flagcx import CommAborted, Communicator, FlagcxError, FlagcxTimeout, ReduceOp
 
-from .harness import TEST_TIMEOUT, assert_passed
-from .matrix import Check, subgroup_ranks
-from .reference import assert_equal, make
+from .helpers.harness import TEST_TIMEOUT, assert_passed
+from .helpers.matrix import Check, subgroup_ranks
+from .helpers.reference import assert_equal, make
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_TIMEOUT = 3.0
@@ -53,7 +54,7 @@ def run_mpi(target: str, nproc: int, out: Path, timeout_s: str = TEST_TIMEOUT, l
     """Run suite ``target`` in ``nproc`` mpiexec ranks; per-rank outcomes (the job is killed after ``limit`` s)."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
     env.update({"FLAGCX_CPU_ADAPTER": "mpi", "FLAGCX_TIMEOUT": timeout_s, "OMP_NUM_THREADS": "1"})
-    cmd = [_mpiexec(), "-n", str(nproc), sys.executable, "-m", "tests.mpi_runner", target, str(out)]
+    cmd = [_mpiexec(), "-n", str(nproc), sys.executable, "-m", "tests.ranks.mpi_runner", target, str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=limit)
@@ -73,7 +74,7 @@ def run_mpi(target: str, nproc: int, out: Path, timeout_s: str = TEST_TIMEOUT, l
 
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_mpi_matrix(nproc, tmp_path):
-    assert_passed(run_mpi("tests.matrix:comm_matrix", nproc, tmp_path / "out.json"), min_checks=100)
+    assert_passed(run_mpi("tests.helpers.matrix:comm_matrix", nproc, tmp_path / "out.json"), min_checks=100)
 
 
 def test_mpi_adapter_and_timeouts(tmp_path):

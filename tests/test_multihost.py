@@ -1,4 +1,4 @@
-"""Jobs across hosts, for real: network namespaces with their own hostnames and addresses (tests.netns), real TCP between them.
+"""Jobs across hosts, for real: network namespaces with their own hostnames and addresses (tests.helpers.netns), real TCP between them.
 
 - torchrun multi-node rendezvous (c10d, 2 hosts x 2 ranks): every dist.* op on the world,
   a one-host group and a cross-host group, the Communicator matrix subset; hosts come
@@ -22,13 +22,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 import pytest
 
-from .harness import assert_passed
-from .netns import Host, NetnsCluster, leftovers, unavailable_reason
+from .helpers.harness import assert_passed
+from .helpers.netns import Host, NetnsCluster, leftovers, unavailable_reason
 from .test_mpi import _mpiexec
 from .test_mpi import _skip_reason as mpi_skip_reason
 from .test_v4_example import assert_blocks_single_host
@@ -80,9 +81,20 @@ def torchrun(cluster: NetnsCluster, nproc: int, target: list[str], env: Optional
     procs = []
     for host in cluster.hosts:
         cmd = [
-            *TORCHRUN, "--nnodes", str(len(cluster.hosts)), "--nproc-per-node", str(nproc),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{cluster.hosts[0].addr}:{RDZV_PORT}", "--rdzv-id", cluster.token,
-            "--max-restarts", "0", *target,
+            *TORCHRUN,
+            "--nnodes",
+            str(len(cluster.hosts)),
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{cluster.hosts[0].addr}:{RDZV_PORT}",
+            "--rdzv-id",
+            cluster.token,
+            "--max-restarts",
+            "0",
+            *target,
         ]
         log = cluster.workdir / f"torchrun-{host.hostname}.log"
         with open(log, "w") as f:
@@ -94,19 +106,19 @@ def torchrun(cluster: NetnsCluster, nproc: int, target: list[str], env: Optional
 def run_suite_torchrun(cluster: NetnsCluster, nproc: int, suite: str, env: Optional[Mapping[Host, Mapping[str, str]]] = None) -> list[dict]:
     out = cluster.workdir / "out"
     out.mkdir()
-    torchrun(cluster, nproc, ["-m", "tests.multihost_runner", suite, str(out)], env)
+    torchrun(cluster, nproc, ["-m", "tests.ranks.multihost_runner", suite, str(out)], env)
     return _outcomes(out, nproc * len(cluster.hosts))
 
 
 def test_torchrun_two_hosts():
     with NetnsCluster(2) as cluster:
-        assert_passed(run_suite_torchrun(cluster, 2, "tests.multihost_suite:torch_world"), min_checks=250)
+        assert_passed(run_suite_torchrun(cluster, 2, "tests.ranks.multihost_suite:torch_world"), min_checks=250)
 
 
 def test_torchrun_hetero_cluster_per_host():
     with NetnsCluster(2) as cluster:
         env = {h: {"FLAGCX_CLUSTER_ID": f"site-{h.hostname}", "FLAGCX_SOCKET_IFNAME": h.ifname} for h in cluster.hosts}
-        assert_passed(run_suite_torchrun(cluster, 2, "tests.multihost_suite:torch_hetero", env), min_checks=150)
+        assert_passed(run_suite_torchrun(cluster, 2, "tests.ranks.multihost_suite:torch_hetero", env), min_checks=150)
 
 
 def test_v4_oproj_tp8_ogroup4_two_hosts():
@@ -129,8 +141,22 @@ def test_mpiexec_host_list():
         out.mkdir()
         names = ",".join(h.hostname for h in cluster.hosts)
         cmd = [
-            _mpiexec(), "-launcher", "ssh", "-launcher-exec", str(cluster.ssh_stand_in()), "-hosts", names, "-ppn", "2", "-n", "4",
-            sys.executable, "-m", "tests.multihost_runner", "tests.multihost_suite:mpi_world", str(out),
+            _mpiexec(),
+            "-launcher",
+            "ssh",
+            "-launcher-exec",
+            str(cluster.ssh_stand_in()),
+            "-hosts",
+            names,
+            "-ppn",
+            "2",
+            "-n",
+            "4",
+            sys.executable,
+            "-m",
+            "tests.ranks.multihost_runner",
+            "tests.ranks.multihost_suite:mpi_world",
+            str(out),
         ]
         log = cluster.workdir / "mpiexec.log"
         host = cluster.hosts[0]
@@ -148,12 +174,17 @@ def test_link_down_mid_collective():
         procs = []
         for rank, host in enumerate(cluster.hosts):
             launch = {
-                "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": cluster.hosts[0].addr, "MASTER_PORT": "29500",
-                "FLAGCX_TIMEOUT": str(timeout), "MULTIHOST_OUT": str(out),
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": cluster.hosts[0].addr,
+                "MASTER_PORT": "29500",
+                "FLAGCX_TIMEOUT": str(timeout),
+                "MULTIHOST_OUT": str(out),
             }
             log = cluster.workdir / f"rank-{rank}.log"
-            cmd = [sys.executable, "-m", "tests.multihost_runner", "tests.multihost_suite:link_fault", str(out)]
+            cmd = [sys.executable, "-m", "tests.ranks.multihost_runner", "tests.ranks.multihost_suite:link_fault", str(out)]
             with open(log, "w") as f:
                 procs.append((cluster.popen(host, cmd, env=_rank_env(cluster, host, launch), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT), log))
         deadline = time.monotonic() + 90

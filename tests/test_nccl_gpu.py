@@ -10,7 +10,7 @@ directions, explicit groups, CUDA-graph capture, split, barrier, abort and close
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch
@@ -21,8 +21,8 @@ from flagcx.bootstrap import store_from_env
 from flagcx.tensors import as_bytes
 from flagcx.types import ReduceOp
 
-from .harness import assert_passed, run_suite
-from .reference import FLOATS, INTS, PREMUL_FACTOR, assert_equal, make, reduce_ref
+from .helpers.harness import assert_passed, run_suite
+from .helpers.reference import FLOATS, INTS, PREMUL_FACTOR, assert_equal, make, reduce_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -111,7 +111,7 @@ def suite(rank: int, size: int) -> Iterable[tuple[str, Callable[[], None]]]:
         for dtype in FLOATS:
             xs = inputs("premul", 1031, dtype)
             out = torch.empty_like(xs[rank])
-            done(a.allreduce_premul(xs[rank], out, PREMUL_FACTOR))
+            done(a.allreduce(xs[rank], out, ReduceOp.PREMUL_SUM, factor=PREMUL_FACTOR))
             assert_equal(out, reduce_ref(xs, "premul_sum"), f"premul_sum {dtype}", True)
 
     yield "allreduce_premul", premul

@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 from flagcx import FlagcxError, FlagcxTimeout, config
-from flagcx.adapters import AdapterContext, adapter_class
-from flagcx.adapters import nccl_lib
+from flagcx.adapters import AdapterContext, adapter_class, nccl_lib
 from flagcx.adapters.nccl import NcclAdapter
 from flagcx.adapters.nccl_lib import BUILTIN_CLONES, Clone, LibraryError, NcclLib
 

@@ -3,7 +3,7 @@
 The package is pip-installed into the running environment for this module and
 uninstalled at its end; ranks then find its adapter through the ``flagcx.adapters``
 entry points (and one class through FLAGCX_ADAPTER_PLUGIN) and move data through it.
-Classes that break the contract (tests.plugin_cases) are refused at load time with a
+Classes that break the contract (tests.helpers.plugin_cases) are refused at load time with a
 FlagcxError naming the plugin and the fix, also when a communicator selects them.
 """
 
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from flagcx import Communicator, FlagcxError, config
 from flagcx.adapters import plugins
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 PACKAGE = "flagcx-relay-plugin"
 
@@ -41,7 +41,7 @@ def installed(tmp_path_factory):
 
 def test_installed_plugin_moves_data(installed):
     env = {"FLAGCX_CPU_ADAPTER": "relay", "FLAGCX_ADAPTER_PLUGIN": "flagcx_relay:EnvRelayAdapter"}
-    assert_passed(run_suite("tests.plugin_suite:relay_suite", 2, env=env), min_checks=50)
+    assert_passed(run_suite("tests.ranks.plugin_suite:relay_suite", 2, env=env), min_checks=50)
 
 
 @pytest.mark.parametrize(
@@ -54,11 +54,12 @@ def test_installed_plugin_moves_data(installed):
         ("BuiltinName", ["'gloo' belongs to a builtin"]),
         ("NoCapabilities", ["has no capabilities"]),
         ("UnknownOps", ["['teleport'] are not contract ops"]),
+        ("PremulWithoutFactor", ["PREMUL_SUM is declared", "allreduce, reducescatter, reduce take no 'factor'"]),
         ("HalfDone", ["abstract methods unimplemented", "allgather", "barrier"]),
     ],
 )
 def test_incompatible_plugin_refused(case, words):
-    target = f"tests.plugin_cases:{case}"
+    target = f"tests.helpers.plugin_cases:{case}"
     with pytest.raises(FlagcxError) as info:
         plugins.load_target(target, target)
     text = str(info.value)
@@ -71,7 +72,7 @@ def test_unimportable_plugin_refused():
     with pytest.raises(FlagcxError, match="importing 'tests.no_such_module' failed"):
         plugins.load_target("tests.no_such_module:X", "x")
     with pytest.raises(FlagcxError, match="has no attribute 'Missing'"):
-        plugins.load_target("tests.plugin_cases:Missing", "x")
+        plugins.load_target("tests.helpers.plugin_cases:Missing", "x")
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def env(monkeypatch):
 
 
 def test_communicator_refuses_selected_bad_plugin(env):
-    env(FLAGCX_ADAPTER_PLUGIN="tests.plugin_cases:WrongVersion", FLAGCX_CPU_ADAPTER="wrongversion")
+    env(FLAGCX_ADAPTER_PLUGIN="tests.helpers.plugin_cases:WrongVersion", FLAGCX_CPU_ADAPTER="wrongversion")
     with pytest.raises(FlagcxError, match="contract version 2"):
         Communicator(dist.HashStore(), 0, 1)
 

@@ -16,8 +16,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Iterable
 
 import pytest
 import torch
@@ -27,9 +27,9 @@ from flagcx import Communicator, config
 from flagcx.adapters.shm import SEGMENT_PREFIX, ShmAdapter
 from flagcx.launch import loopback_store
 
-from .harness import assert_passed, run_suite
-from .matrix import Check
-from .reference import assert_equal, make
+from .helpers.harness import assert_passed, run_suite
+from .helpers.matrix import Check
+from .helpers.reference import assert_equal, make
 
 SHM_OK = ShmAdapter.unavailable_reason(torch.device("cpu")) is None
 
@@ -46,7 +46,7 @@ def listeners(pid: int = 0) -> list[tuple[str, int]]:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             next(f)
             for line in f:

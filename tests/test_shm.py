@@ -1,7 +1,7 @@
 """The shm transport (FLAGCX_CPU_ADAPTER=shm): correctness matrix, shm-specific checks, failures, kernels.
 
 Ranks are real processes on this host. The matrix and the shm checks share one set of
-ranks per size (tests/shm_suite.py); the failure scenarios (tests/shm_failures.py) run
+ranks per size (tests/ranks/shm_suite.py); the failure scenarios (tests/ranks/shm_failures.py) run
 as plain processes so that ranks can be SIGKILLed without the launcher stopping the
 others. After every test no segment of ours may be left in /dev/shm.
 """
@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from flagcx.adapters.shm import SEGMENT_PREFIX, ShmAdapter
 
-from .harness import assert_passed, run_suite
-from .reference import FLOATS, INTS, make
+from .helpers.harness import assert_passed, run_suite
+from .helpers.reference import FLOATS, INTS, make
 
 pytestmark = pytest.mark.skipif(
     ShmAdapter.unavailable_reason(torch.device("cpu")) is not None,
@@ -44,7 +44,7 @@ def _leftover_segments(names: list[str] = ()) -> list[str]:
 
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_shm_matrix_and_checks(nproc):
-    assert_passed(run_suite("tests.shm_suite:matrix_and_shm", nproc, env={"FLAGCX_CPU_ADAPTER": "shm"}), min_checks=100)
+    assert_passed(run_suite("tests.ranks.shm_suite:matrix_and_shm", nproc, env={"FLAGCX_CPU_ADAPTER": "shm"}), min_checks=100)
     assert _leftover_segments() == []
 
 
@@ -68,7 +68,7 @@ def test_shm_failures(tmp_path):
             log = open(tmp_path / f"log{r}.txt", "w")
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.shm_failures"],
+                    [sys.executable, "-m", "tests.ranks.shm_failures"],
                     env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                     cwd=ROOT,
                     stdout=log,

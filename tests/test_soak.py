@@ -1,9 +1,9 @@
-"""Soak: random collectives across 4 ranks, every result checked exactly (tests/soak_suite.py).
+"""Soak: random collectives across 4 ranks, every result checked exactly (tests/ranks/soak_suite.py).
 
 Short by default (300 ops per transport); FLAGCX_SOAK_OPS=10000 makes it a long run.
 Transports: the default CPU path (shm on one host), Gloo (truly asynchronous ops), and
 a heterogeneous communicator (two interleaved clusters on shm and Gloo, small chunks on
-2 lanes). ``python -m tests.soak_suite --ops 10000 --out FILE`` runs the long default
+2 lanes). ``python -m tests.ranks.soak_suite --ops 10000 --out FILE`` runs the long default
 soak and writes its summary.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from flagcx.adapters.shm import ShmAdapter
 
-from .soak_suite import format_summary, run_soak
+from .ranks.soak_suite import format_summary, run_soak
 
 NOPS = int(os.environ.get("FLAGCX_SOAK_OPS", "300"))
 SHM_OK = ShmAdapter.unavailable_reason(torch.device("cpu")) is None
@@ -40,7 +40,9 @@ TRANSPORTS = {
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("transport", [t if t != "hetero" else pytest.param(t, marks=pytest.mark.skipif(not SHM_OK, reason="shm not built")) for t in TRANSPORTS])
+@pytest.mark.parametrize(
+    "transport", [t if t != "hetero" else pytest.param(t, marks=pytest.mark.skipif(not SHM_OK, reason="shm not built")) for t in TRANSPORTS]
+)
 def test_soak(transport):
     summary = run_soak(NOPS, env=TRANSPORTS[transport])
     print(format_summary(summary, "today"))

@@ -2,16 +2,16 @@
 
 import pytest
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_torch_ops(nproc):
-    assert_passed(run_suite("tests.torch_suite:torch_ops", nproc), min_checks=100)
+    assert_passed(run_suite("tests.ranks.torch_suite:torch_ops", nproc), min_checks=100)
 
 
 def test_mixed_backend_string():
-    outcome = run_suite("tests.torch_suite:torch_ops", 2, env={"FLAGCX_TEST_BACKEND": "cpu:gloo,cuda:flagcx"})
+    outcome = run_suite("tests.ranks.torch_suite:torch_ops", 2, env={"FLAGCX_TEST_BACKEND": "cpu:gloo,cuda:flagcx"})
     assert_passed(outcome, min_checks=100)
 
 
@@ -22,7 +22,7 @@ def test_dist_reduce_ops_reach_the_communicator_fast_path(tmp_path):
     import torch.distributed as dist
 
     from flagcx import Communicator
-    from flagcx.backend import _op_of
+    from flagcx.frontends.process_group import _op_of
 
     def opts(op):
         o = c10d.AllreduceOptions()
@@ -36,7 +36,7 @@ def test_dist_reduce_ops_reach_the_communicator_fast_path(tmp_path):
     try:
         t = torch.ones(5)
         comm.all_reduce(t, _op_of(opts(dist.ReduceOp.SUM)))  # the first call takes the checked path and remembers
-        assert (t.device, t.dtype, _op_of(opts(dist.ReduceOp.SUM))) in comm._fast_reduce
+        assert (t.device, t.dtype, _op_of(opts(dist.ReduceOp.SUM))) in comm._fast._reduce
         assert torch.equal(t, torch.ones(5))
     finally:
         comm.destroy()

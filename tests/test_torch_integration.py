@@ -1,7 +1,7 @@
 """DDP, FSDP2, DeviceMesh + DTensor and functional collectives (eager and compiled) on backend "flagcx"."""
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 
 def test_integration_4_ranks():
-    assert_passed(run_suite("tests.integration_suite:integration", 4), min_checks=8)
+    assert_passed(run_suite("tests.ranks.integration_suite:integration", 4), min_checks=8)

@@ -3,7 +3,7 @@
 Spawned ranks: the full correctness matrix through torch_pg over Gloo
 (FLAGCX_VENDOR_BACKEND=cpu:gloo) at 2 and 4 ranks; torch_pg(gloo) as one cluster of a
 heterogeneous communicator beside shm, plus c10d backends registered like vendors'
-(tests.torch_pg_suite); on GPUs, NCCL reached as if it were a vendor's c10d backend.
+(tests.ranks.torch_pg_suite); on GPUs, NCCL reached as if it were a vendor's c10d backend.
 In process: FLAGCX_VENDOR_BACKEND / FLAGCX_DEVICE_ADAPTER parsing and precedence,
 backend strings with vendor device types through torch's own BackendConfig, accelerator
 adapter selection and its refusals, and vendor device types in topology records.
@@ -23,8 +23,8 @@ from flagcx.adapters.torch_pg import vendor_backend
 from flagcx.streams import device_module
 from flagcx.topology import detect
 
-from .harness import assert_passed, run_suite
-from .torch_pg_suite import vendor_env
+from .helpers.harness import assert_passed, run_suite
+from .ranks.torch_pg_suite import vendor_env
 
 
 # ---------------------------------------------------------------- spawned ranks
@@ -32,17 +32,17 @@ from .torch_pg_suite import vendor_env
 def test_matrix_through_torch_pg_gloo(nproc):
     # FLAGCX_CPU_ADAPTER names no adapter: init only succeeds because FLAGCX_VENDOR_BACKEND=cpu:gloo wins over it.
     env = {"FLAGCX_VENDOR_BACKEND": "cpu:gloo", "FLAGCX_CPU_ADAPTER": "no_such_adapter"}
-    assert_passed(run_suite("tests.matrix:comm_matrix", nproc, env=env), min_checks=100)
+    assert_passed(run_suite("tests.helpers.matrix:comm_matrix", nproc, env=env), min_checks=100)
 
 
 def test_hetero_cluster_on_torch_pg_and_c10d_plugins():
-    assert_passed(run_suite("tests.torch_pg_suite:hetero_vendor", 4, env=vendor_env("ABAB")), min_checks=40)
+    assert_passed(run_suite("tests.ranks.torch_pg_suite:hetero_vendor", 4, env=vendor_env("ABAB")), min_checks=40)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (runs on the GPU machine)")
 def test_gpu_matrix_nccl_as_vendor_backend():
-    assert_passed(run_suite("tests.torch_pg_suite:gpu_vendor_matrix", 2, env={"FLAGCX_VENDOR_BACKEND": "cuda:nccl"}), min_checks=100)
+    assert_passed(run_suite("tests.ranks.torch_pg_suite:gpu_vendor_matrix", 2, env={"FLAGCX_VENDOR_BACKEND": "cuda:nccl"}), min_checks=100)
 
 
 # ---------------------------------------------------------------- in process
@@ -100,7 +100,7 @@ def test_backend_string_with_vendor_device_types():
     assert dist.is_backend_available("cpu:gloo,npu:flagcx")
     assert {"npu", "mlu", "musa", "xpu", "hpu"} <= set(dist.Backend.backend_capability["flagcx"])
     assert "flagcx" not in dist.Backend.default_device_backend_map.values()
-    assert set(BackendConfig(dist.Backend("flagcx")).get_device_backend_map()) == set(flagcx.backend.DEVICES)
+    assert set(BackendConfig(dist.Backend("flagcx")).get_device_backend_map()) == set(flagcx.frontends.process_group.DEVICES)
 
 
 def _solo() -> Communicator:

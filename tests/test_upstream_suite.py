@@ -1,6 +1,6 @@
 """torch's own distributed test suite (``DistributedTest._DistTestBase``) on backend flagcx.
 
-Gloo's gates decide which tests run (tests/upstream_suite.py says how); flagcx runs
+Gloo's gates decide which tests run (tests/ranks/upstream_suite.py says how); flagcx runs
 them at world sizes 2 and 3, and gloo runs them at world size 2 beside it, so the
 check is "flagcx passes everything gloo passes", not a frozen list that goes stale
 with the next torch release.
@@ -20,7 +20,7 @@ import pytest
 
 from flagcx.launch import spawn
 
-from .upstream_suite import Outcome, run_upstream
+from .ranks.upstream_suite import Outcome, run_upstream
 
 pytest.importorskip("expecttest", reason="torch's test utilities need expecttest (the [test] extra)")
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from .harness import assert_passed, run_suite
+from .helpers.harness import assert_passed, run_suite
 
 pytest.importorskip("transformers.models.deepseek_v4", reason="needs transformers >= 5.25 (the [models] extra)")
 
 
 def test_v4_layouts_16_ranks():
-    assert_passed(run_suite("tests.v4_suite:v4_layouts", 16, timeout=1200), min_checks=20)
+    assert_passed(run_suite("tests.ranks.v4_suite:v4_layouts", 16, timeout=1200), min_checks=20)
 
 
 def test_core_package_does_not_import_transformers():

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -38,7 +39,7 @@ def gather_records(timeout: float) -> tuple[int, list[RankRecord]]:
     store = dist.PrefixStore("flagcx-topology/", store_from_env(timeout))
     raw = store_allgather(store, "records", env.rank, env.size, json.dumps(mine.to_json()).encode(), timeout, "flagcx.topology")
     records = [RankRecord.from_json(json.loads(r)) for r in raw]
-    store.set(f"done/{env.rank}", b"1")
+    store.set(f"done/{env.rank}", "1")
     if env.rank == 0:  # rank 0 may host the store: keep it up until everyone has read
         store_wait(store, [f"done/{r}" for r in range(env.size)], timeout, "flagcx.topology")
     return env.rank, records
@@ -63,9 +64,7 @@ def as_json(records: Sequence[RankRecord]) -> dict:
         "mode": "error" if error else ("heterogeneous" if len(clusters) > 1 else "homogeneous"),
         "error": error,
         "ranks": [r.to_json() for r in records],
-        "clusters": [
-            {"label": c.label, "ranks": list(c.ranks), "device_type": c.device_type, "hosts": list(c.hosts)} for c in clusters
-        ],
+        "clusters": [{"label": c.label, "ranks": list(c.ranks), "device_type": c.device_type, "hosts": list(c.hosts)} for c in clusters],
         "links": link_matrix(records),
     }
 
@@ -85,9 +84,7 @@ def as_text(records: Sequence[RankRecord]) -> str:
     rows = []
     for rank, r in enumerate(records):
         device = r.device_type if r.device_index < 0 else f"{r.device_type}:{r.device_index}"
-        rows.append(
-            [str(rank), alias[r.host], r.hostname, str(r.local_rank), device, r.vendor, r.pci_bus_id or "-", str(r.numa_node), r.cluster]
-        )
+        rows.append([str(rank), alias[r.host], r.hostname, str(r.local_rank), device, r.vendor, r.pci_bus_id or "-", str(r.numa_node), r.cluster])
     out += _table(["rank", "host", "hostname", "local", "device", "vendor", "pci bus id", "numa", "cluster"], rows)
     out.append("")
     out.append("hosts:")

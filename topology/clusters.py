@@ -7,8 +7,8 @@ order. One cluster means a homogeneous communicator.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .detect import RankRecord
 

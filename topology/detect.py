@@ -14,7 +14,7 @@ import json
 import os
 import socket
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, Optional
 
 import torch
@@ -110,10 +110,10 @@ class RankRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "RankRecord":
+    def from_json(cls, data: dict) -> RankRecord:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
-    def link_to(self, other: "RankRecord") -> str:
+    def link_to(self, other: RankRecord) -> str:
         """The link from this rank's device to ``other``'s: "X" for the same device, "" when not known."""
         if self.host != other.host:
             return "NET"
@@ -328,7 +328,7 @@ def _nvml_links(bus_id: str) -> tuple[dict[str, str], str]:
             pass
 
 
-@lru_cache(maxsize=None)
+@cache
 def _device_facts(device_type: str, index: int) -> tuple[str, int, tuple[tuple[str, str], ...], str]:
     """(pci bus id, numa node, links, link_info) of one device, detected once per process."""
     if device_type != "cuda":
@@ -336,7 +336,7 @@ def _device_facts(device_type: str, index: int) -> tuple[str, int, tuple[tuple[s
     props = torch.cuda.get_device_properties(index)
     if not hasattr(props, "pci_bus_id"):
         return "", -1, (), f"{UNKNOWN_LINKS}: this torch does not report PCI bus ids"
-    bus_id = _bus_id(getattr(props, "pci_domain_id", 0), props.pci_bus_id, props.pci_device_id)
+    bus_id = _bus_id(getattr(props, "pci_domain_id", 0), props.pci_bus_id, getattr(props, "pci_device_id", 0))
     if getattr(torch.version, "hip", None):
         return bus_id, _pci_numa_node(bus_id), (), f"{UNKNOWN_LINKS}: no link detection on ROCm"
     links, info = _nvml_links(bus_id)
@@ -351,7 +351,8 @@ def local_record(device_type: Optional[str] = None) -> RankRecord:
     vendor = str(over.get("vendor") or device_vendor(dtype))
     env = detect_launch_env()
     index = -1
-    bus_id, numa, links, info = "", _cpu_numa_node(), (), "n/a"
+    links: tuple[tuple[str, str], ...] = ()
+    bus_id, numa, info = "", _cpu_numa_node(), "n/a"
     if dtype != "cpu" and dtype == home_device_type():
         index = int(torch.get_device_module(dtype).current_device())
         bus_id, dev_numa, links, info = _device_facts(dtype, index)

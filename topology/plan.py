@@ -204,7 +204,10 @@ def _host_list(hosts: HostsSpec, world_size: int) -> list[Hashable]:
     elif isinstance(hosts, Sequence) and not isinstance(hosts, (str, bytes)):
         if len(hosts) != world_size:
             raise invalid(
-                OP, None, "hosts", f"has {len(hosts)} entries but world_size is {world_size}",
+                OP,
+                None,
+                "hosts",
+                f"has {len(hosts)} entries but world_size is {world_size}",
                 "give one host id per rank (a list indexed by rank or a dict rank -> host)",
             )
         values = list(hosts)
@@ -270,22 +273,34 @@ def plan_tp_groups(
     max_ogroup_tp = _positive("max_ogroup_tp", max_ogroup_tp)
     if world_size % tp:
         raise invalid(
-            OP, None, "tp", f"world_size={world_size} is not a multiple of tp={tp}",
+            OP,
+            None,
+            "tp",
+            f"world_size={world_size} is not a multiple of tp={tp}",
             "use a tp that divides the world size (each TP group needs tp ranks) or launch a multiple of tp ranks",
         )
     if tp % ogroup_tp:
         raise invalid(
-            OP, None, "ogroup_tp", f"tp={tp} is not a multiple of ogroup_tp={ogroup_tp}",
+            OP,
+            None,
+            "ogroup_tp",
+            f"tp={tp} is not a multiple of ogroup_tp={ogroup_tp}",
             "use an ogroup_tp that divides tp (each TP group splits into tp/ogroup_tp o-group blocks)",
         )
     if ogroup_tp > max_ogroup_tp:
         raise invalid(
-            OP, None, "ogroup_tp", f"{ogroup_tp} exceeds max_ogroup_tp={max_ogroup_tp} (an o-group block should fit one NVLink island)",
+            OP,
+            None,
+            "ogroup_tp",
+            f"{ogroup_tp} exceeds max_ogroup_tp={max_ogroup_tp} (an o-group block should fit one NVLink island)",
             f"use ogroup_tp <= {max_ogroup_tp} (the other layers keep tp={tp}), or raise max_ogroup_tp if your island is larger",
         )
     if o_groups % ogroup_tp:
         raise invalid(
-            OP, None, "ogroup_tp", f"o_groups={o_groups} is not divisible by ogroup_tp={ogroup_tp}: each rank must own whole "
+            OP,
+            None,
+            "ogroup_tp",
+            f"o_groups={o_groups} is not divisible by ogroup_tp={ogroup_tp}: each rank must own whole "
             "o-groups (a split group's heads cannot form its wo_a matmul)",
             f"use an ogroup_tp that divides o_groups={o_groups}",
         )

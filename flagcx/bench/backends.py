@@ -4,59 +4,21 @@
 ``nccl``: a raw ProcessGroupNCCL, both called directly (method + ``wait()``, no
 torch.distributed wrapper). ``mpi`` lives in :mod:`flagcx.bench.mpi`.
 
-``prepare`` turns (collective, buffers, op, root) into a zero-argument call and the
-tensor validation reads; it returns None when the backend has no such mode (N/A) and
-raises NotSupported for combinations it cannot do. Everything that can be built
-before the timed loop (option objects, chunk lists) is built in ``prepare``.
+Each implements :class:`~.interface.Backend`; :func:`make_backend` builds one by name.
 """
 
 from __future__ import annotations
 
-import abc
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch._C._distributed_c10d as c10d
+import torch.distributed as dist
 
 from ..errors import NotSupported
 from .colls import Buffers, Collective
-
-
-@dataclass
-class Prepared:
-    """One ready-to-time call and the tensor that holds its result."""
-
-    fn: Callable[[], None]
-    result: torch.Tensor
-
-
-class Backend(abc.ABC):
-    """A collective library bound to the ranks of this job."""
-
-    name: str = ""
-
-    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device, timeout: float) -> None:
-        self.rank = rank
-        self.size = size
-
-    @abc.abstractmethod
-    def prepare(self, coll: Collective, bufs: Buffers, op: str, root: int) -> Optional[Prepared]:
-        """The call for one (size, mode); None when the mode does not exist for this backend."""
-
-    def describe(self) -> str:
-        """One line for the preamble."""
-        return self.name
-
-    def close(self) -> None:
-        """Release the library's resources."""
-
-    def _peers(self) -> tuple[int, int]:
-        if self.size < 2:
-            raise NotSupported(f"{self.name} cannot send to its own rank; sendrecv needs 2 or more ranks")
-        return (self.rank + 1) % self.size, (self.rank - 1) % self.size
+from .interface import Backend, Prepared
 
 
 class FlagcxBackend(Backend):
@@ -66,7 +28,7 @@ class FlagcxBackend(Backend):
 
     def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device, timeout: float) -> None:
         super().__init__(store, rank, size, device, timeout)
-        from ..communicator import Communicator
+        from ..core.communicator import Communicator
 
         self.comm = Communicator(dist.PrefixStore("flagcx/", store), rank, size, timeout=timeout, name="flagcx-bench")
 
@@ -148,7 +110,8 @@ class _C10dBackend(Backend):
     inplace: frozenset[str] = frozenset({"allreduce", "broadcast", "reduce"})
     """Collectives whose API has NCCL's in-place form on this backend."""
 
-    pg: c10d.Backend
+    pg: Any
+    """The c10d backend under test (its ops are C++ bindings without type stubs)."""
 
     def _check(self, coll: Collective, dtype: torch.dtype, op: str) -> None:
         """Raise NotSupported for combinations known to fail (the warm-up call catches the rest)."""

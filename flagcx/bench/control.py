@@ -7,10 +7,11 @@ backend under test never carries the benchmark's own bookkeeping.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch._C._distributed_c10d as c10d
+import torch.distributed as dist
 from torch._C._distributed_c10d import ProcessGroupGloo
 
 
@@ -20,7 +21,7 @@ class Control:
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: float) -> None:
         self.rank = rank
         self.size = size
-        self._pg = ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timedelta(seconds=timeout))
+        self._pg: Any = ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timedelta(seconds=timeout))
 
     def _allreduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
         if self.size > 1:

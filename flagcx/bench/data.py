@@ -120,7 +120,7 @@ class Reference:
     segments: tuple[Segment, ...]
 
     @classmethod
-    def exact(cls, values: torch.Tensor) -> "Reference":
+    def exact(cls, values: torch.Tensor) -> Reference:
         """A reference given element by element (one segment whose period is its length)."""
         values = values.reshape(-1)
         return cls((Segment(values, 0, values.numel(), 0),))

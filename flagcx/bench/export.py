@@ -16,7 +16,8 @@ from __future__ import annotations
 import csv
 import math
 import re
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from .results import Row, Run, Timing
 

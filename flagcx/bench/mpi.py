@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from ..errors import NotSupported
 from ..tensors import as_bytes
-from .backends import Backend, Prepared
 from .colls import Buffers, Collective
+from .interface import Backend, Prepared
 
 
 def library_version() -> str:

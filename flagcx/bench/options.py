@@ -6,8 +6,9 @@ import argparse
 import importlib.util
 import re
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -166,15 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flagcx-bench",
         description=textwrap.fill(
-            "nccl-tests compatible bandwidth benchmark for flagcx, Gloo, NCCL and MPI. "
-            f"COLLECTIVE is one of {names}, a comma list of them, or all.",
+            f"nccl-tests compatible bandwidth benchmark for flagcx, Gloo, NCCL and MPI. COLLECTIVE is one of {names}, a comma list of them, or all.",
             width=88,
         ),
         epilog=TIMING_METHOD,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("collective", metavar="COLLECTIVE", help="what to benchmark (" + names + ", or all)")
-    p.add_argument("-b", "--minbytes", type=parse_size, default=None, help="smallest size (K/M/G suffixes; default 32M, or -e when only -e is given and smaller)")
+    p.add_argument(
+        "-b", "--minbytes", type=parse_size, default=None, help="smallest size (K/M/G suffixes; default 32M, or -e when only -e is given and smaller)"
+    )
     p.add_argument("-e", "--maxbytes", type=parse_size, default=None, help="largest size (default 32M, or -b when only -b is given and larger)")
     p.add_argument("-i", "--stepbytes", type=parse_size, default=parse_size("1M"), help="size increment when -f is not given (default 1M)")
     p.add_argument("-f", "--stepfactor", type=_positive, default=1, help="multiply the size by this factor (e.g. 2); overrides -i")
@@ -186,13 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--root", type=int, default=0, help="root of rooted collectives; -1 runs every root (default 0)")
     p.add_argument("-G", "--cudagraph", type=_non_negative, default=0, help="capture the iterations in a CUDA graph and time N replays (GPU only)")
     p.add_argument("-T", "--timeout", type=float, default=None, help="seconds before a stuck collective fails (default FLAGCX_TIMEOUT or 300)")
-    p.add_argument("--nproc", type=_positive, default=None, help="spawn N local ranks (no launcher needed; default 1); under torchrun/mpiexec the launcher decides")
+    p.add_argument(
+        "--nproc", type=_positive, default=None, help="spawn N local ranks (no launcher needed; default 1); under torchrun/mpiexec the launcher decides"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="tensor device; cuda: rank uses GPU local_rank (default cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="flagcx", help="library to benchmark (default flagcx)")
     p.add_argument("--compare", default=None, help="comma list of backends, each timed in the same ranks; ratios vs the first")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write results as JSON (nccl-tests -J like)")
     p.add_argument("--csv", dest="csv_path", default=None, metavar="PATH", help="write one CSV row per backend, size and mode")
-    p.add_argument("--plot", dest="plot_path", default=None, metavar="PATH.png", help="plot out-of-place busbw vs size, one line per backend (needs matplotlib)")
+    p.add_argument(
+        "--plot", dest="plot_path", default=None, metavar="PATH.png", help="plot out-of-place busbw vs size, one line per backend (needs matplotlib)"
+    )
     return p
 
 

@@ -10,7 +10,8 @@ and, with --compare, a ratio table after the last one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 from .results import NOISY, Row, Run, Timing
 
@@ -149,7 +150,7 @@ def conclusion(program: str) -> list[str]:
     return ["#", f"# Collective test concluded: {program}"]
 
 
-def membw_line(bw: "MemoryBandwidth") -> str:
+def membw_line(bw: MemoryBandwidth) -> str:
     """The memory bandwidth measured before the sweep (see flagcx.bench.bound)."""
     return (
         "# Memory bandwidth per rank, %d rank(s) at once on %d MiB buffers: copy %.2f GB/s, add %.2f GB/s; "
@@ -158,7 +159,7 @@ def membw_line(bw: "MemoryBandwidth") -> str:
     )
 
 
-def bound_table(runs: Sequence[Run], bw: "MemoryBandwidth", min_bytes: int) -> list[str]:
+def bound_table(runs: Sequence[Run], bw: MemoryBandwidth, min_bytes: int) -> list[str]:
     """Per size >= min_bytes: the memory-bandwidth bounds and every backend's time over them (both modes)."""
     cols = "# %10s  %8s  %6s  %10s  %10s  %8s  %8s  %8s  %8s  %8s"
     lines = [

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,10 @@ from ..bootstrap import LaunchEnv, store_allgather, store_from_env
 from ..errors import FlagcxError, InvalidArgument
 from ..topology.detect import usable_cpus
 from . import bound, data, memory, report, timing
-from .backends import Backend, make_backend
+from .backends import make_backend
 from .colls import COLLECTIVES, Collective, allocate
 from .control import Control
+from .interface import Backend
 from .options import DTYPES, Options
 from .results import Row, Run, Timing
 from .sysinfo import describe_device, hostname, load_average, version_line, versions
@@ -65,9 +67,7 @@ def _reason(exc: BaseException) -> str:
 class Sweep:
     """Runs the rows of one backend and collective on this rank."""
 
-    def __init__(
-        self, opts: Options, rank: int, size: int, device: torch.device, control: Control, emit: Callable[[str], None], progress: Progress
-    ) -> None:
+    def __init__(self, opts: Options, rank: int, size: int, device: torch.device, control: Control, emit: Callable[[str], None], progress: Progress) -> None:
         self.opts = opts
         self.rank = rank
         self.size = size
@@ -146,6 +146,7 @@ class Sweep:
             if ctl.any(reason is not None):
                 return reason or "CUDA graph capture failed on another rank"
             ctl.barrier()
+            assert graph is not None
             mine = timing.time_replays(graph, opts.graph_replays, opts.iters, device)
         else:
             ctl.barrier()

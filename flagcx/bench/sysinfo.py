@@ -58,10 +58,7 @@ def versions(backends: list[str], device: str) -> dict[str, Optional[str]]:
 def version_line(info: dict[str, Optional[str]]) -> str:
     """The first preamble line (in place of nccl-tests' '# nccl-tests version ...'); a library this run does not use reads 'unused'."""
     commit = f" (commit {info['flagcx_commit']})" if info.get("flagcx_commit") else ""
-    return (
-        f"# flagcx-bench version {info['flagcx']}{commit} torch={info['torch']} "
-        f"nccl={info.get('nccl') or 'unused'} mpi={info.get('mpi') or 'unused'}"
-    )
+    return f"# flagcx-bench version {info['flagcx']}{commit} torch={info['torch']} nccl={info.get('nccl') or 'unused'} mpi={info.get('mpi') or 'unused'}"
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -50,7 +50,7 @@ def time_calls(fn: Callable[[], None], iters: int, device: torch.device) -> list
     return [t * 1e-9 for t in times]
 
 
-def capture(fn: Callable[[], None], iters: int, device: torch.device) -> "torch.cuda.CUDAGraph":
+def capture(fn: Callable[[], None], iters: int, device: torch.device) -> torch.cuda.CUDAGraph:
     """A CUDA graph of ``iters`` back-to-back calls."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -60,7 +60,7 @@ def capture(fn: Callable[[], None], iters: int, device: torch.device) -> "torch.
     return graph
 
 
-def time_replays(graph: "torch.cuda.CUDAGraph", replays: int, iters: int, device: torch.device) -> list[float]:
+def time_replays(graph: torch.cuda.CUDAGraph, replays: int, iters: int, device: torch.device) -> list[float]:
     """Seconds per call for each of ``replays`` graph replays (replay time / calls in the graph)."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]

@@ -58,17 +58,41 @@ def check_layout(config: Any, tp: int, ogroup_tp: int) -> None:
     """Raise InvalidArgument when world TP ``tp`` with o-group TP ``ogroup_tp`` cannot shard ``config``."""
     groups, heads = config.o_groups, config.num_attention_heads
     if ogroup_tp > groups or groups % ogroup_tp:
-        raise invalid(OP, None, "ogroup_tp", f"{ogroup_tp} does not divide o_groups={groups} (each rank must own whole o-groups)", f"pick an o-group TP that divides {groups}")
+        raise invalid(
+            OP,
+            None,
+            "ogroup_tp",
+            f"{ogroup_tp} does not divide o_groups={groups} (each rank must own whole o-groups)",
+            f"pick an o-group TP that divides {groups}",
+        )
     if tp % ogroup_tp:
         raise invalid(OP, None, "tp", f"{tp} is not a multiple of ogroup_tp={ogroup_tp}", "make the world TP a multiple of the o-group TP")
     if heads % groups:
         raise invalid(OP, None, "config", f"num_attention_heads={heads} is not a multiple of o_groups={groups}", "fix the model config")
     if config.num_local_experts % tp:
-        raise invalid(OP, None, "tp", f"{tp} does not divide num_local_experts={config.num_local_experts} (experts are split over the world TP)", "pick a world TP that divides the expert count")
+        raise invalid(
+            OP,
+            None,
+            "tp",
+            f"{tp} does not divide num_local_experts={config.num_local_experts} (experts are split over the world TP)",
+            "pick a world TP that divides the expert count",
+        )
     if getattr(config, "mlp_bias", False):
-        raise invalid(OP, None, "config", "mlp_bias=True: the shared expert's down_proj bias would be added once per rank", "use a config without MLP biases (V4 has none)")
+        raise invalid(
+            OP,
+            None,
+            "config",
+            "mlp_bias=True: the shared expert's down_proj bias would be added once per rank",
+            "use a config without MLP biases (V4 has none)",
+        )
     if config.intermediate_size % tp:
-        raise invalid(OP, None, "tp", f"{tp} does not divide intermediate_size={config.intermediate_size} (the shared expert is split over the world TP)", "pick a world TP that divides it")
+        raise invalid(
+            OP,
+            None,
+            "tp",
+            f"{tp} does not divide intermediate_size={config.intermediate_size} (the shared expert is split over the world TP)",
+            "pick a world TP that divides it",
+        )
 
 
 def _share(n: int, parts: int, k: int) -> slice:
@@ -238,7 +262,13 @@ def parallelize(model: nn.Module, groups: TPGroups, state_dict: Any = None, devi
     shards = Shards(config, plan.tp, me.tp_rank, me.ogroups)
     meta = any(p.is_meta for p in model.parameters())
     if meta and state_dict is None:
-        raise invalid(OP, groups.rank, "state_dict", "is required for a model on the meta device", "pass the checkpoint's tensors (a dict or safetensors' safe_open handle)")
+        raise invalid(
+            OP,
+            groups.rank,
+            "state_dict",
+            "is required for a model on the meta device",
+            "pass the checkpoint's tensors (a dict or safetensors' safe_open handle)",
+        )
     target = device or (torch.device("cpu") if meta else next(model.parameters()).device)
     available = set(state_dict.keys()) if state_dict is not None else set()
     local_groups = config.o_groups // plan.ogroup_tp

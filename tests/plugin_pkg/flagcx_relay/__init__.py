@@ -3,21 +3,23 @@
 ``RelayAdapter`` (entry point ``relay``) relays every op of the adapter contract to a
 Gloo transport built from its own context, so data really moves between processes. It
 declares narrower capabilities than Gloo (no PROD, no 8/16-bit reductions, no
-any-source receive), which the core must honour, and counts the ops it relays.
+any-source receive), which the core must honour, declares PREMUL_SUM (it receives the
+factor and scales itself), and counts the ops it relays.
 ``OldRelayAdapter`` (entry point ``relay_old``) claims an older contract version and
 must be refused when selected. ``EnvRelayAdapter`` has no entry point: it is reached
-through FLAGCX_ADAPTER_PLUGIN=flagcx_relay:EnvRelayAdapter.
+through FLAGCX_ADAPTER_PLUGIN=flagcx_relay:EnvRelayAdapter, and declares no gather.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import ClassVar, Optional
 
 import torch
 
 from flagcx import ReduceOp
-from flagcx.adapters import Adapter, AdapterContext, Capabilities, Handle
+from flagcx.adapters import ALL_OPS, Adapter, AdapterContext, Capabilities, Handle
 from flagcx.adapters.gloo import GlooAdapter
 
 
@@ -29,7 +31,7 @@ class RelayAdapter(Adapter):
     capabilities = Capabilities(
         devices=frozenset({"cpu"}),
         reduce_dtypes=frozenset({torch.float32, torch.float64, torch.int32, torch.int64}),
-        reduce_ops=frozenset({ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN}),
+        reduce_ops=frozenset({ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN, ReduceOp.PREMUL_SUM}),
         any_source=False,
     )
     calls: ClassVar[Counter] = Counter()
@@ -42,19 +44,29 @@ class RelayAdapter(Adapter):
         self.calls[op] += 1
         return self._gloo
 
-    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+    def _premul(self, send: torch.Tensor, op: ReduceOp, factor: Optional[float]) -> tuple[torch.Tensor, ReduceOp]:
+        if op is not ReduceOp.PREMUL_SUM:
+            return send, op
+        assert isinstance(factor, float), f"PREMUL_SUM without a float factor: {factor!r}"
+        self.calls["premul_sum"] += 1
+        return torch.mul(send, factor).to(send.dtype), ReduceOp.SUM
+
+    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, factor: Optional[float] = None) -> Handle:
+        send, op = self._premul(send, op, factor)
         return self._count("allreduce").allreduce(send, recv, op)
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
         return self._count("allgather").allgather(send, recv)
 
-    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
+    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, factor: Optional[float] = None) -> Handle:
+        send, op = self._premul(send, op, factor)
         return self._count("reducescatter").reducescatter(send, recv, op)
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
         return self._count("broadcast").broadcast(tensor, root)
 
-    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
+    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int, factor: Optional[float] = None) -> Handle:
+        send, op = self._premul(send, op, factor)
         return self._count("reduce").reduce(send, recv, op, root)
 
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
@@ -93,7 +105,7 @@ class OldRelayAdapter(RelayAdapter):
 
 
 class EnvRelayAdapter(RelayAdapter):
-    """Reached only through FLAGCX_ADAPTER_PLUGIN (no entry point)."""
+    """Reached only through FLAGCX_ADAPTER_PLUGIN (no entry point); implements every op but gather."""
 
     name = "envrelay"
-
+    capabilities = replace(RelayAdapter.capabilities, ops=ALL_OPS - {"gather"})

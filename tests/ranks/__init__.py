@@ -1,0 +1,1 @@
+"""Rank-side code: suites of checks and job scripts that spawned ranks run (the test_*.py modules start them)."""
