@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter
-from ..tensors import as_bytes, overlaps
+from ..tensors import as_bytes
 from ..types import ReduceOp, ReduceOpLike
 
 
@@ -38,27 +38,40 @@ class FastPath:
     def run(self, kind: str, send: torch.Tensor, recv: object, op: object = None) -> bool:
         """Run ``kind`` (allreduce, reducescatter, allgather) synchronously if eligible; False when the ordinary path must.
 
-        Eligible: enabled; the cache knows the call; dense contiguous tensors of one dtype
-        and device, non-empty, sized as ``kind`` requires, not overlapping (allreduce: or
-        the very same buffer).
+        Eligible: enabled; the cache knows the call; dense contiguous non-empty tensors of
+        one dtype and device, sized as ``kind`` requires, not overlapping (allreduce: or
+        the very same tensor). Checked in the order that rejects a cheap miss first.
         """
         if not self.enabled:
             return False
-        native = ReduceOp.SUM  # allgather: unused
         try:
             if kind == "allgather":
                 adapter = self._move.get(send.device)
+                if adapter is None:
+                    return False
+                native = ReduceOp.SUM  # unused
             else:
-                adapter, native = self._reduce.get((send.device, send.dtype, op)) or (None, native)
+                entry = self._reduce.get((send.device, send.dtype, op))
+                if entry is None:
+                    return False
+                adapter, native = entry
         except (AttributeError, TypeError):  # not tensors, or an unhashable op
             return False
-        if adapter is None or send.layout is not torch.strided or not isinstance(recv, torch.Tensor):
+        if send.layout is not torch.strided or not send.is_contiguous():
             return False
-        n, m = send.numel(), recv.numel()
-        sized = n == m if kind == "allreduce" else m == n * self.size if kind == "allgather" else n == m * self.size
-        if not (n and sized and recv.dtype == send.dtype and recv.device == send.device and send.is_contiguous() and recv.is_contiguous()):
+        n = send.numel()
+        if recv is send:
+            if kind != "allreduce" or not n:
+                return False
+            adapter.allreduce(send, send, native).wait()
+            return True
+        if not isinstance(recv, torch.Tensor) or not n or recv.dtype != send.dtype or not recv.is_contiguous() or recv.device != send.device:
             return False
-        if overlaps(send, recv) and not (kind == "allreduce" and send.data_ptr() == recv.data_ptr()):
+        m = recv.numel()
+        if not (n == m if kind == "allreduce" else m == n * self.size if kind == "allgather" else n == m * self.size):
+            return False
+        s0, r0 = send.data_ptr(), recv.data_ptr()
+        if s0 < r0 + recv.nbytes and r0 < s0 + send.nbytes:  # overlapping buffers take the ordinary path
             return False
         if kind == "allreduce":
             adapter.allreduce(send, recv, native).wait()

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
-from flagcx import config
+import torch.distributed as dist
+
+from flagcx import Communicator, config
 from flagcx.launch import patched_environ, spawn
 
 Suite = Callable[[int, int], Iterable[tuple[str, Callable[[], None]]]]
@@ -99,3 +101,17 @@ def flagcx_env(**values: str) -> Iterator[None]:
             yield
     finally:
         config.reload()
+
+
+def with_cpu_adapter(comm: Communicator, key: str, adapter: str) -> Communicator:
+    """A homogeneous communicator over ``comm``'s ranks whose CPU tensors go through ``adapter`` (every rank of ``comm`` calls).
+
+    ``torch_pg:<backend>`` is chosen with FLAGCX_VENDOR_BACKEND=cpu:<backend>, any other
+    name with FLAGCX_CPU_ADAPTER; FLAGCX_CLUSTER_ID puts every rank in one cluster. All
+    are set only while the communicator is created.
+    """
+    kind, _, backend = adapter.partition(":")
+    env = {"FLAGCX_VENDOR_BACKEND": f"cpu:{backend}"} if kind == "torch_pg" else {"FLAGCX_CPU_ADAPTER": adapter}
+    env["FLAGCX_CLUSTER_ID"] = key
+    with flagcx_env(**env):
+        return Communicator(dist.PrefixStore(f"{key}/", comm._store), comm.rank, comm.size, timeout=comm.timeout, name=f"{comm.name}.{key}")

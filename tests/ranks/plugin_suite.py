@@ -13,11 +13,11 @@ import os
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 from flagcx import Communicator, FlagcxError, NotSupported, config
 from flagcx.adapters import adapter_class, plugins
 
+from ..helpers.harness import with_cpu_adapter
 from ..helpers.matrix import Check, error_checks, expect_error, movement_checks, reduction_checks
 from ..helpers.reference import assert_equal
 
@@ -63,13 +63,7 @@ def _calls_went_through_plugin() -> None:
 
 def _env_plugin(comm: Communicator) -> None:
     assert "envrelay" not in plugins._entry_points()
-    os.environ["FLAGCX_CPU_ADAPTER"] = "envrelay"
-    config.reload()
-    try:
-        sub = Communicator(dist.PrefixStore("env/", comm._store), comm.rank, comm.size, name="env")
-    finally:
-        del os.environ["FLAGCX_CPU_ADAPTER"]
-        config.reload()
+    sub = with_cpu_adapter(comm, "env", "envrelay")
     assert sub.adapter_name("cpu") == "envrelay"
     x = torch.arange(10, dtype=torch.int64) * (comm.rank + 1)
     sub.all_reduce(x, "max")

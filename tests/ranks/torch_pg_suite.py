@@ -23,6 +23,7 @@ import flagcx
 from flagcx import Communicator, FlagcxError, NotSupported
 from flagcx.adapters.torch_pg import DEFAULT_TRAITS, BackendTraits, declare_backend
 
+from ..helpers.harness import with_cpu_adapter
 from ..helpers.matrix import Check, error_checks, expect_error, movement_checks, reduction_checks
 from ..helpers.reference import assert_equal, make, reduce_ref
 from .hetero_suite import plan_checks, shm_usable
@@ -119,7 +120,7 @@ def _basic_ops(g: Communicator, label: str) -> None:
 
 
 def _extended_plugin(comm: Communicator) -> None:
-    sub = comm._subcomm(range(comm.size), "vendorx", cpu_adapter="torch_pg:vendorx")
+    sub = with_cpu_adapter(comm, "vendorx", "torch_pg:vendorx")
     adapter = sub._adapter(torch.device("cpu"), "check")
     assert adapter.name == "torch_pg:vendorx", adapter.name
     group_id, ranks, backend_options = created["vendorx"][-1]
@@ -135,7 +136,7 @@ def _extended_plugin(comm: Communicator) -> None:
 def _declared_plugin(comm: Communicator) -> None:
     """declare_backend widens what the adapter declares (int64 reductions, any-source receive)."""
     declare_backend("vendorx", BackendTraits(DEFAULT_TRAITS.reduce_dtypes | {torch.int64}, DEFAULT_TRAITS.reduce_ops, any_source=True))
-    sub = comm._subcomm(range(comm.size), "vendorx-declared", cpu_adapter="torch_pg:vendorx")
+    sub = with_cpu_adapter(comm, "vendorx-declared", "torch_pg:vendorx")
     inputs = [make("declared/i64", r, 77, torch.int64, "sum") for r in range(comm.size)]
     x = inputs[comm.rank].clone()
     sub.all_reduce(x)
@@ -150,7 +151,7 @@ def _declared_plugin(comm: Communicator) -> None:
 
 
 def _plain_plugin(comm: Communicator) -> None:
-    sub = comm._subcomm(range(comm.size), "vendory", cpu_adapter="torch_pg:vendory")
+    sub = with_cpu_adapter(comm, "vendory", "torch_pg:vendory")
     rank, size, timeout = created["vendory"][-1]
     assert (rank, size) == (comm.rank, comm.size) and timeout == timedelta(seconds=sub.timeout), created["vendory"]
     x = torch.full((5,), float(comm.rank + 1))
@@ -161,7 +162,7 @@ def _plain_plugin(comm: Communicator) -> None:
 
 def _lacking_backend(comm: Communicator) -> None:
     """Ops the backend does not implement raise NotSupported naming backend and op; the communicator keeps working."""
-    sub = comm._subcomm(range(comm.size), "partial", cpu_adapter="torch_pg:partialpg")
+    sub = with_cpu_adapter(comm, "partial", "torch_pg:partialpg")
     x = torch.ones(6)
     expect_error(NotSupported, lambda: sub.all_gather(torch.empty(6 * comm.size), x), "'partialpg'", "allgather")
     out = torch.empty(6 * comm.size) if comm.rank == 0 else None
@@ -173,9 +174,7 @@ def _lacking_backend(comm: Communicator) -> None:
 
 
 def _unregistered(comm: Communicator) -> None:
-    expect_error(
-        FlagcxError, lambda: comm._subcomm(range(comm.size), "none", cpu_adapter="torch_pg:nosuchccl"), "'nosuchccl' is not registered", "torch extension"
-    )
+    expect_error(FlagcxError, lambda: with_cpu_adapter(comm, "none", "torch_pg:nosuchccl"), "'nosuchccl' is not registered", "torch extension")
 
 
 def _vendor_backend_string(comm: Communicator) -> None:
