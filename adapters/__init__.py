@@ -4,7 +4,9 @@ Adapters are looked up by name and imported on first use, so a missing optional
 dependency (mpi4py, the compiled shm module, libnccl) only matters when that adapter
 is asked for. A name is a builtin, ``torch_pg:<c10d backend>`` (any registered
 torch.distributed backend, see :mod:`.torch_pg`), or a third-party plugin (see
-:mod:`.plugins`), looked up in that order.
+:mod:`.plugins`), looked up in that order; the builtin names are in :mod:`.names`.
+Which adapter carries which tensors is decided above this layer, in
+:mod:`flagcx.core.selection`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""Every FLAGCX_* environment variable is read here, and only here.
+"""Every user-facing FLAGCX_* environment variable is read here, and only here, with its default.
 
 Other modules call :func:`get` and read attributes; tests that change the
-environment call :func:`reload`. Logging for the whole package is configured here
-from ``FLAGCX_DEBUG``.
+environment call :func:`reload`. The ``DEFAULT_*`` constants below are what a variable
+means when it is unset (and when the caller gave nothing either); the :class:`Config`
+field of each variable says which one applies. Logging for the whole package is
+configured here from ``FLAGCX_DEBUG``. (``FLAGCX_LAUNCHER`` is not configuration: the
+launcher sets it for its children, and :mod:`flagcx.bootstrap` reads it.)
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class Config:
     debug: str | None
     """FLAGCX_DEBUG: log level (WARN, INFO, DEBUG) of flagcx's own stderr handler; unset, flagcx's records go to the application's logging."""
     timeout: float | None
-    """FLAGCX_TIMEOUT: seconds; overrides the timeout given to a communicator."""
+    """FLAGCX_TIMEOUT: seconds; overrides the timeout given to a communicator (neither: DEFAULT_TIMEOUT)."""
     cpu_adapter: str
     """FLAGCX_CPU_ADAPTER: auto | shm | gloo | mpi | a plugin adapter's name, the transport for CPU tensors; ``torch_pg:<backend>`` when FLAGCX_VENDOR_BACKEND has a ``cpu:<backend>`` entry (that entry wins)."""
     host_id: str | None
@@ -68,17 +71,17 @@ class Config:
     topo_file: str | None = None
     """FLAGCX_TOPO_FILE: JSON file overriding detected topology fields (cluster, host, device...) per rank or host."""
     hetero_chunk: int | None = None
-    """FLAGCX_HETERO_CHUNK: bytes per staged chunk between clusters (suffix K/M/G allowed); default 4M with device clusters, unchunked otherwise."""
+    """FLAGCX_HETERO_CHUNK: bytes per staged chunk between clusters (suffix K/M/G allowed); DEFAULT_HETERO_CHUNK with device clusters, unchunked otherwise."""
     hetero_lanes: int | None = None
-    """FLAGCX_HETERO_LANES: chunks moved in parallel between clusters (one host communicator each); default 4 with device clusters, else 1."""
+    """FLAGCX_HETERO_LANES: chunks moved in parallel between clusters (one host transport each); DEFAULT_HETERO_LANES with device clusters, else 1."""
     hetero_allreduce: str = "auto"
     """FLAGCX_HETERO_ALLREDUCE: auto | hierarchical | flat, the heterogeneous allreduce plan; auto times both on the first calls of each size class and keeps the faster."""
     shm_buffer: int | None = None
-    """FLAGCX_SHM_BUFFER: staging bytes per rank of the shm transport's collectives (suffix K/M/G allowed); default 1M."""
+    """FLAGCX_SHM_BUFFER: staging bytes per rank of the shm transport's collectives (suffix K/M/G allowed); DEFAULT_SHM_BUFFER, or THREADED_SHM_BUFFER with several threads per rank."""
     shm_threads: int | None = None
-    """FLAGCX_SHM_THREADS: threads per rank that split the shm transport's large copies and reductions; default the rank's share of 3/4 of the cpus it may run on (at most 8; 1 when ranks fill the cpus)."""
+    """FLAGCX_SHM_THREADS: threads per rank that split the shm transport's large copies and reductions; default the rank's share of 3/4 of the cpus it may run on (at most MAX_SHM_THREADS; 1 when ranks fill the cpus)."""
     shm_p2p_buffer: int | None = None
-    """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); default 256K, less beyond 16 ranks."""
+    """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); DEFAULT_SHM_P2P_BUFFER, less beyond 16 ranks (SHM_P2P_BUDGET)."""
     socket_ifname: str | None = None
     """FLAGCX_SOCKET_IFNAME: network interface of the inter-host transport (Gloo) and of the mpiexec rendezvous address, NCCL syntax: comma-separated name prefixes, ``=`` first for exact names, ``^`` first to exclude; the first matching interface with an IPv4 address is used."""
     vendor_backends: tuple[tuple[str, str], ...] = ()
