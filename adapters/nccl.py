@@ -26,8 +26,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional, Union
 
@@ -199,22 +198,19 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
             raise NotSupported(f"NCCL has no datatype for {t.dtype}; supported: {', '.join(map(str, _DTYPES))}", op=op)
         return dt
 
-    @contextmanager
-    def _red_op(self, op: ReduceOp, factor: Optional[float], dt: int, name: str) -> Iterator[int]:
-        """NCCL's reduce op for ``op``; PREMUL_SUM gets a custom op (ncclRedOpCreatePreMulSum) for the call's lifetime."""
-        if op is not ReduceOp.PREMUL_SUM:
-            yield _OPS[op]
-            return
+    def _premul(self, launch: Callable[[int], int], factor: Optional[float], dt: int, call: str, op: str) -> Handle:
+        """Launch with a PREMUL_SUM op made for this call (ncclRedOpCreatePreMulSum, the scalar read at once), then destroy it."""
         lib = self._lib
         scalar = torch.tensor([factor], dtype=_DTYPE_OF[dt])  # host memory, read before the create call returns
         op_out = lib.ffi.new("int*")
         rc = lib.RedOpCreatePreMulSum(op_out, lib.ffi.cast("void*", scalar.data_ptr()), dt, nccl_lib.SCALAR_HOST_IMMEDIATE, self._comm)
         if rc:
-            raise self._error(rc, "RedOpCreatePreMulSum", name)
+            raise self._error(rc, "RedOpCreatePreMulSum", op)
         try:
-            yield op_out[0]
+            rc = launch(op_out[0])
         finally:
             lib.RedOpDestroy(op_out[0], self._comm)  # allowed once the last call using the op has returned
+        return self._checked(rc, call, op)
 
     def _checked(self, rc: int, call: str, op: str) -> Handle:
         """The end of every launch: a nonzero code becomes a FlagcxError; the launch is tracked for the watchdog."""
@@ -229,57 +225,61 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
         if self._pending:
             self._flush()
         n = send.numel()
-        if n:
-            dt = self._dtype(send, "allreduce")
-            with self._red_op(op, factor, dt, "allreduce") as red:
-                rc = self._allreduce(send.data_ptr(), recv.data_ptr(), n, dt, red, self._comm, self._raw_stream(self._index))
-            return self._checked(rc, "AllReduce", "allreduce")
-        return DONE
+        if not n:
+            return DONE
+        dt = self._dtype(send, "allreduce")
+        s, r = send.data_ptr(), recv.data_ptr()
+        if op is ReduceOp.PREMUL_SUM:
+            return self._premul(lambda red: self._allreduce(s, r, n, dt, red, self._comm, self._raw_stream(self._index)), factor, dt, "AllReduce", "allreduce")
+        return self._checked(self._allreduce(s, r, n, dt, _OPS[op], self._comm, self._raw_stream(self._index)), "AllReduce", "allreduce")
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
         if self._pending:
             self._flush()
         n = send.numel()
-        if n:
-            if overlaps(send, recv) and send.data_ptr() != recv.data_ptr() + self.rank * n * send.element_size():
-                send = send.clone()  # NCCL defines only the in-place layout (send is this rank's block of recv)
-            rc = self._allgather(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allgather"), self._comm, self._raw_stream(self._index))
-            return self._checked(rc, "AllGather", "allgather")
-        return DONE
+        if not n:
+            return DONE
+        if overlaps(send, recv) and send.data_ptr() != recv.data_ptr() + self.rank * n * send.element_size():
+            send = send.clone()  # NCCL defines only the in-place layout (send is this rank's block of recv)
+        rc = self._allgather(send.data_ptr(), recv.data_ptr(), n, self._dtype(send, "allgather"), self._comm, self._raw_stream(self._index))
+        return self._checked(rc, "AllGather", "allgather")
 
     def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, factor: Optional[float] = None) -> Handle:
         if self._pending:
             self._flush()
         n = recv.numel()
-        if n:
-            if overlaps(send, recv) and recv.data_ptr() != send.data_ptr() + self.rank * n * send.element_size():
-                send = send.clone()  # NCCL defines only the in-place layout (recv is this rank's block of send)
-            dt = self._dtype(send, "reducescatter")
-            with self._red_op(op, factor, dt, "reducescatter") as red:
-                rc = self._reducescatter(send.data_ptr(), recv.data_ptr(), n, dt, red, self._comm, self._raw_stream(self._index))
-            return self._checked(rc, "ReduceScatter", "reducescatter")
-        return DONE
+        if not n:
+            return DONE
+        if overlaps(send, recv) and recv.data_ptr() != send.data_ptr() + self.rank * n * send.element_size():
+            send = send.clone()  # NCCL defines only the in-place layout (recv is this rank's block of send)
+        dt = self._dtype(send, "reducescatter")
+        s, r = send.data_ptr(), recv.data_ptr()
+        if op is ReduceOp.PREMUL_SUM:
+            launch = lambda red: self._reducescatter(s, r, n, dt, red, self._comm, self._raw_stream(self._index))
+            return self._premul(launch, factor, dt, "ReduceScatter", "reducescatter")
+        return self._checked(self._reducescatter(s, r, n, dt, _OPS[op], self._comm, self._raw_stream(self._index)), "ReduceScatter", "reducescatter")
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
         if self._pending:
             self._flush()
         n = tensor.numel()
-        if n:
-            ptr = tensor.data_ptr()
-            rc = self._broadcast(ptr, ptr, n, self._dtype(tensor, "broadcast"), root, self._comm, self._raw_stream(self._index))
-            return self._checked(rc, "Broadcast", "broadcast")
-        return DONE
+        if not n:
+            return DONE
+        ptr = tensor.data_ptr()
+        rc = self._broadcast(ptr, ptr, n, self._dtype(tensor, "broadcast"), root, self._comm, self._raw_stream(self._index))
+        return self._checked(rc, "Broadcast", "broadcast")
 
     def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int, factor: Optional[float] = None) -> Handle:
         if self._pending:
             self._flush()
         n = send.numel()
-        if n:
-            dt = self._dtype(send, "reduce")
-            with self._red_op(op, factor, dt, "reduce") as red:
-                rc = self._reduce(send.data_ptr(), recv.data_ptr(), n, dt, red, root, self._comm, self._raw_stream(self._index))
-            return self._checked(rc, "Reduce", "reduce")
-        return DONE
+        if not n:
+            return DONE
+        dt = self._dtype(send, "reduce")
+        s, r = send.data_ptr(), recv.data_ptr()
+        if op is ReduceOp.PREMUL_SUM:
+            return self._premul(lambda red: self._reduce(s, r, n, dt, red, root, self._comm, self._raw_stream(self._index)), factor, dt, "Reduce", "reduce")
+        return self._checked(self._reduce(s, r, n, dt, _OPS[op], root, self._comm, self._raw_stream(self._index)), "Reduce", "reduce")
 
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
         n = send.numel() * send.element_size()
