@@ -40,6 +40,7 @@ from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
 from . import nccl_lib
 from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
+from .ipc_allreduce import IpcAllreduce, open_ipc_allreduce
 from .nccl_p2p import P2PBatch, QueuedP2P
 from .nccl_watch import WatchedLaunches
 
@@ -70,6 +71,8 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
     """Collectives and p2p on CUDA streams through NCCL (see the module docstring for the stream and p2p rules)."""
 
     name = "nccl"
+    _ipc: Optional[IpcAllreduce]
+    """The peer-mapped small-message allreduce (communicators of one host made by init, not by split), or None."""
     capabilities = Capabilities(
         devices=frozenset({"cuda"}),
         reduce_dtypes=FLOAT_DTYPES | INT_DTYPES,
@@ -114,6 +117,10 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
             reason = "torch sees no usable CUDA device or driver (torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU and driver"
             comm = lib.comm_init_rank(ctx.size, uid, ctx.rank, hint=reason)  # raises NCCL's own error here
         self._bind(lib, comm, index)
+        if cuda:
+            with torch.cuda.device(index):
+                ipc_ctx = replace(ctx, store=dist.PrefixStore("ipc/", ctx.store), device=self._device)
+                self._ipc = open_ipc_allreduce(ipc_ctx, config.get().fast_allreduce)
         log.info("%s: rank %d/%d NCCL communicator on cuda:%d (%s %s)", ctx.label, ctx.rank, ctx.size, index, lib.prefix, lib.version_string)
 
     @classmethod
@@ -151,6 +158,7 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
         self._async_out = lib.ffi.new("int*")
         self._barrier_buf: Optional[torch.Tensor] = None
         self._splits = 0
+        self._ipc = None
         if lib.RedOpCreatePreMulSum is not None and lib.RedOpDestroy is not None:  # NCCL >= 2.11: PREMUL_SUM in one kernel
             self.capabilities = replace(self.capabilities, reduce_ops=self.capabilities.reduce_ops | {ReduceOp.PREMUL_SUM})
         if lib.version < _FIRST_WITH_AVG_AND_BF16:
@@ -227,6 +235,9 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
         n = send.numel()
         if not n:
             return DONE
+        if self._ipc is not None and not self._depth and self._ipc.takes(send, op):
+            self._ipc.allreduce(send.view(-1), recv.view(-1))
+            return self._checked(0, "AllReduce", "allreduce")
         dt = self._dtype(send, "allreduce")
         s, r = send.data_ptr(), recv.data_ptr()
         if op is ReduceOp.PREMUL_SUM:
@@ -458,7 +469,10 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
             self._batch = P2PBatch()
 
     def _release(self) -> Any:
-        """Detach the communicator (None when already gone) and stop watching it."""
+        """Detach the communicator (None when already gone), unmap the peer buffers, stop watching it."""
+        if self._ipc is not None:
+            self._ipc.close()
+            self._ipc = None
         with self._watch_lock:
             comm, self._ncomm = getattr(self, "_ncomm", None), None
             self._launches.clear()

@@ -90,6 +90,8 @@ class Config:
     """FLAGCX_DEVICE_ADAPTER: adapter per accelerator device type, ``type:name`` pairs, comma-separated (``npu:myccl``; a builtin or plugin adapter name); wins over the builtin choice (cuda: nccl) and torch's default c10d backend of the device type."""
     adapter_plugins: tuple[str, ...] = ()
     """FLAGCX_ADAPTER_PLUGIN: extra adapter classes as ``module:Class``, comma-separated, added to the ``flagcx.adapters`` entry points; loaded and validated on the first lookup of a non-builtin adapter name."""
+    fast_allreduce: bool = False
+    """FLAGCX_FAST_ALLREDUCE: 1 sends small CUDA SUM allreduces of ranks on one host through peer-mapped buffers (flagcx.adapters.ipc_allreduce); 0, the default until its crossovers are measured on two or more GPUs, keeps NCCL."""
     nccl_watchdog: bool = True
     """FLAGCX_NCCL_WATCHDOG: 1 (default) runs the watchdog thread that aborts an NCCL communicator whose op outlives the timeout (one CUDA event per launch); 0 turns it off."""
 
@@ -252,6 +254,7 @@ def _load() -> Config:
         adapter_plugins=_parse_plugins(_env("FLAGCX_ADAPTER_PLUGIN")),
         socket_ifname=_parse_ifname(_env("FLAGCX_SOCKET_IFNAME")),
         nccl_watchdog=_parse_choice("FLAGCX_NCCL_WATCHDOG", ("0", "1"), "1") == "1",
+        fast_allreduce=_parse_choice("FLAGCX_FAST_ALLREDUCE", ("0", "1"), "0") == "1",
     )
 
 
