@@ -242,7 +242,12 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
         s, r = send.data_ptr(), recv.data_ptr()
         if op is ReduceOp.PREMUL_SUM:
             return self._premul(lambda red: self._allreduce(s, r, n, dt, red, self._comm, self._raw_stream(self._index)), factor, dt, "AllReduce", "allreduce")
-        return self._checked(self._allreduce(s, r, n, dt, _OPS[op], self._comm, self._raw_stream(self._index)), "AllReduce", "allreduce")
+        rc = self._allreduce(s, r, n, dt, _OPS[op], self._comm, self._raw_stream(self._index))
+        if rc:  # inline rather than _checked(): this is the launch every decode step makes
+            raise self._error(rc, "AllReduce", "allreduce")
+        if self._watched:
+            self._track("allreduce")
+        return DONE
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
         if self._pending:
