@@ -18,7 +18,9 @@ else, and sizes above the buffer, go to NCCL. The crossovers (:data:`ONE_SHOT_MA
 :data:`TWO_SHOT_MAX`) are the values the peer libraries publish for 2-8 GPUs until they
 are measured here (that needs two or more GPUs); until then the path is off unless
 FLAGCX_FAST_ALLREDUCE=1 asks for it. NcclAdapter opens it for communicators it creates
-(not for split children) and takes it outside groups.
+(not for split children) and takes it outside groups. A rank that dies inside a call
+leaves its peers' barrier kernels spinning until their processes exit (the watchdog
+still reports the timeout).
 """
 
 from __future__ import annotations
