@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import FlagcxError
-from .base import ADAPTER_API_VERSION, ALL_OPS, DONE, Adapter, AdapterContext, Capabilities, Handle, all_of, then
+from .base import ADAPTER_API_VERSION, ALL_OPS, DONE, Adapter, AdapterContext, Capabilities, Handle, all_of, grouped, then
 from .names import BUILTIN, KEYWORDS
 
 
@@ -60,5 +60,6 @@ __all__ = [
     "adapter_class",
     "all_of",
     "builtin_names",
+    "grouped",
     "then",
 ]

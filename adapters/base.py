@@ -252,3 +252,12 @@ class Adapter(abc.ABC):
 
     def close(self) -> None:
         """Release resources; the adapter is unusable afterwards."""
+
+
+def grouped(adapter: Adapter, launch: Callable[[], list[Handle]]) -> list[Handle]:
+    """Post the ops ``launch`` issues on ``adapter`` as one group (group_end runs even when one fails); their handles."""
+    adapter.group_start()
+    try:
+        return launch()
+    finally:
+        adapter.group_end()

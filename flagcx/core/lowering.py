@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..adapters import Adapter, Handle, all_of
+from ..adapters import Adapter, Handle, all_of, grouped
 from ..errors import NotSupported
 from ..tensors import as_bytes, flat, nbytes, overlaps
 from ..types import FLOAT_DTYPES, ReduceOp
@@ -127,13 +127,7 @@ def native_as_called(lowered: Lowered, kind: ReduceOp, dtype: torch.dtype, copie
 
 def broadcast_blocks(adapter: Adapter, bufs: Sequence[torch.Tensor]) -> Handle:
     """all_gather into blocks of different sizes: rank r broadcasts block r, all in one group."""
-    handles: list[Handle] = []
-    adapter.group_start()
-    try:
-        handles = [adapter.broadcast(as_bytes(buf), root) for root, buf in enumerate(bufs) if buf.numel()]
-    finally:
-        adapter.group_end()
-    return all_of(handles)
+    return all_of(grouped(adapter, lambda: [adapter.broadcast(as_bytes(buf), root) for root, buf in enumerate(bufs) if buf.numel()]))
 
 
 def concat_blocks(ins: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int], Step]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import DONE, Handle
+from ..adapters import DONE, Handle, grouped
 from ..types import ReduceOp
 from .lanes import p2p, wait_all
 from .runtime import Runtime
@@ -41,15 +41,8 @@ def reducescatter(rt: Runtime, send: torch.Tensor, recv: torch.Tensor, op: Reduc
         if L.mine.size == L.m and len(set(lengths)) == 1:
             adapter.reducescatter(perm, mine, op).wait()
         else:
-            handles = []
-            adapter.group_start()
-            try:
-                for g in range(L.m):
-                    a, b = L.p_offset[g] * n, (L.p_offset[g] + lengths[g]) * n
-                    handles.append(adapter.reduce(perm[a:b], mine if g == j else perm[a:b], op, g))
-            finally:
-                adapter.group_end()
-            wait_all(handles)
+            spans = [(L.p_offset[g] * n, (L.p_offset[g] + lengths[g]) * n) for g in range(L.m)]
+            wait_all(grouped(adapter, lambda: [adapter.reduce(perm[a:b], mine if g == j else perm[a:b], op, g) for g, (a, b) in enumerate(spans)]))
     # peer group j: cluster c's member gets the totals of the blocks of its cluster's ranks in group j
     out = None
     if mine is not None:
@@ -130,15 +123,8 @@ def allgather(rt: Runtime, send: torch.Tensor, recv: torch.Tensor) -> Handle:
             off = L.p_offset[j] * n
             adapter.allgather(gathered[off : off + lengths[j] * n], gathered).wait()
         else:
-            handles = []
-            adapter.group_start()
-            try:
-                for g in range(L.m):
-                    a = L.p_offset[g] * n
-                    handles.append(adapter.broadcast(gathered[a : a + lengths[g] * n], g))
-            finally:
-                adapter.group_end()
-            wait_all(handles)
+            starts = [L.p_offset[g] * n for g in range(L.m)]
+            wait_all(grouped(adapter, lambda: [adapter.broadcast(gathered[a : a + lengths[g] * n], g) for g, a in enumerate(starts)]))
     if not L.p_identity:
         recv.view(size, n).index_copy_(0, L.perm_index(send.device), gathered.view(size, n))
     st.finish_device(recv)

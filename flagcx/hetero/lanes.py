@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..adapters import Adapter, Handle
+from ..adapters import Adapter, Handle, grouped
 from ..core.selection import AdapterSet
 from ..errors import FlagcxTimeout
 from ..tensors import as_bytes
@@ -160,18 +160,10 @@ class Lanes:
 
 def p2p(adapter: Adapter, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]) -> list[Handle]:
     """Post sends and receives together (one group for adapters that need it)."""
-    handles: list[Handle] = []
-    adapter.group_start()
-    try:
-        for t, peer in recvs:
-            if t.numel():
-                handles.append(adapter.recv(as_bytes(t), peer))
-        for t, peer in sends:
-            if t.numel():
-                handles.append(adapter.send(as_bytes(t), peer))
-    finally:
-        adapter.group_end()
-    return handles
+    return grouped(
+        adapter,
+        lambda: [adapter.recv(as_bytes(t), peer) for t, peer in recvs if t.numel()] + [adapter.send(as_bytes(t), peer) for t, peer in sends if t.numel()],
+    )
 
 
 def wait_all(handles: Sequence[Handle]) -> None:

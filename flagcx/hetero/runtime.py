@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters import grouped
 from ..errors import NotSupported
 from ..tensors import as_bytes
 from ..types import ReduceOp
@@ -62,15 +63,8 @@ def reduce_to_positions(rt: Runtime, send: torch.Tensor, work: torch.Tensor, op:
         q = n // L.m
         adapter.reducescatter(send, work[L.li * q : (L.li + 1) * q], op).wait()
         return
-    handles = []
-    adapter.group_start()
-    try:
-        for j, (a, b) in enumerate(shards(n, L.m)):
-            if b > a:
-                handles.append(adapter.reduce(send[a:b], work[a:b] if j == L.li else send[a:b], op, j))
-    finally:
-        adapter.group_end()
-    wait_all(handles)
+    parts = shards(n, L.m)
+    wait_all(grouped(adapter, lambda: [adapter.reduce(send[a:b], work[a:b] if j == L.li else send[a:b], op, j) for j, (a, b) in enumerate(parts) if b > a]))
 
 
 def spread_from_positions(rt: Runtime, work: torch.Tensor, name: str, lane: int = 0) -> None:
@@ -84,12 +78,5 @@ def spread_from_positions(rt: Runtime, work: torch.Tensor, name: str, lane: int 
         q = n // L.m
         adapter.allgather(as_bytes(work[L.li * q : (L.li + 1) * q]), as_bytes(work)).wait()
         return
-    handles = []
-    adapter.group_start()
-    try:
-        for j, (a, b) in enumerate(shards(n, L.m)):
-            if b > a:
-                handles.append(adapter.broadcast(as_bytes(work[a:b]), j))
-    finally:
-        adapter.group_end()
-    wait_all(handles)
+    parts = shards(n, L.m)
+    wait_all(grouped(adapter, lambda: [adapter.broadcast(as_bytes(work[a:b]), j) for j, (a, b) in enumerate(parts) if b > a]))
