@@ -70,6 +70,7 @@ class FastPath:
         m = recv.numel()
         if not (n == m if kind == "allreduce" else m == n * self.size if kind == "allgather" else n == m * self.size):
             return False
+        # tensors.overlaps() inline: its device and size checks are done above, and calling it costs ~0.5 us here
         s0, r0 = send.data_ptr(), recv.data_ptr()
         if s0 < r0 + recv.nbytes and r0 < s0 + send.nbytes:  # overlapping buffers take the ordinary path
             return False
