@@ -220,20 +220,6 @@ class AdapterSet(Mapping[str, Adapter]):
         split = self._adapters[kind].split  # type: ignore[attr-defined]  # splittable() checked it has one
         return split(list(ranks) if ranks is not None else -1)
 
-    def subset(self, ranks: Sequence[int], key: str, *, cpu_adapter: Optional[str] = None) -> AdapterSet:
-        """An AdapterSet over ``ranks`` (ranks of this set), built by its members only; ``key`` is the same on every member."""
-        ranks = list(ranks)
-        return AdapterSet(
-            dist.PrefixStore(f"sub/{key}/", self.store),
-            ranks.index(self.rank),
-            len(ranks),
-            [self.records[r] for r in ranks],
-            name=f"{self.name}.{key}",
-            timeout=self.timeout,
-            global_ranks=[self.global_ranks[r] for r in ranks],
-            cpu_adapter=cpu_adapter,
-        )
-
     # ------------------------------------------------------------------ lifetime
     def abort(self) -> None:
         """Abort every adapter without waiting for peers (failures are logged, never raised)."""
