@@ -94,7 +94,7 @@ typedef struct {
     uint32_t version, nranks;
     uint64_t slot_bytes, chan_bytes, off_ranks, off_slots, off_ctrl, off_data, total;
     _Atomic uint32_t attached;
-    int32_t creator_pid; /* written first, before the memory is reserved, for fxs_sweep */
+    int32_t creator_pid; /* for fxs_sweep; a segment named from the start has it before its memory is reserved */
     uint64_t creator_pidns;
 } seg_hdr;
 
@@ -1452,7 +1452,15 @@ int fxs_create(const char *name, int rank, int size, uint64_t slot_bytes, uint64
     size_t off_ctrl = off_slots + n * slot;
     size_t off_data = round_up(off_ctrl + nchan * sizeof(chan_ctrl), PAGE);
     size_t total = off_data + nchan * chan;
-    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    /* The segment is built unnamed (an O_TMPFILE in /dev/shm, freed by the kernel if this
+     * process dies) and named only once its header is complete: no kill leaves a name that
+     * fxs_sweep could not recognise. Where /dev/shm has no O_TMPFILE it is named from the start. */
+    int named = 0;
+    int fd = open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+        named = 1;
+    }
     if (fd < 0) {
         put_err(err, errlen, "shm_open(%s) failed: %s", name, strerror(errno));
         return FXS_ESYS;
@@ -1462,15 +1470,15 @@ int fxs_create(const char *name, int rank, int size, uint64_t slot_bytes, uint64
     if (fchmod(fd, 0600) != 0) e = errno, what = "fchmod";
     else if (ftruncate(fd, (off_t)total) != 0) e = errno, what = "ftruncate";
     else {
-        /* The creator's identity goes in first: a creator killed while the memory is reserved
-         * (seconds for a large segment) still leaves a segment that fxs_sweep recognises. */
+        /* A named segment gets its creator's identity first: a creator killed while the memory
+         * is reserved (seconds for a large segment) leaves a segment that fxs_sweep recognises. */
         seg_hdr pre;
         memset(&pre, 0, sizeof pre);
         pre.magic = MAGIC;
         pre.version = VERSION;
         pre.creator_pid = (int32_t)getpid();
         pre.creator_pidns = self_pidns();
-        if (pwrite(fd, &pre, sizeof pre, 0) != (ssize_t)sizeof pre) e = errno ? errno : EIO, what = "writing the header of";
+        if (named && pwrite(fd, &pre, sizeof pre, 0) != (ssize_t)sizeof pre) e = errno ? errno : EIO, what = "writing the header of";
         else if ((e = posix_fallocate(fd, 0, (off_t)total)) != 0) what = "reserving memory for";
     }
     if (what) {
@@ -1478,16 +1486,16 @@ int fxs_create(const char *name, int rank, int size, uint64_t slot_bytes, uint64
                 "64 MiB default: use --shm-size), or lower FLAGCX_SHM_BUFFER / FLAGCX_SHM_P2P_BUFFER, or set "
                 "FLAGCX_CPU_ADAPTER=gloo", what, (double)total / 1048576.0, name, strerror(e));
         close(fd);
-        shm_unlink(name);
+        if (named) shm_unlink(name);
         return FXS_ESYS;
     }
     struct stat st;
     uint32_t mode = fstat(fd, &st) == 0 ? (uint32_t)(st.st_mode & 07777) : 0;
     char *base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
     if (base == MAP_FAILED) {
         put_err(err, errlen, "mmap of %s (%zu bytes) failed: %s", name, total, strerror(errno));
-        shm_unlink(name);
+        close(fd);
+        if (named) shm_unlink(name);
         return FXS_ESYS;
     }
     seg_hdr *h = (seg_hdr *)base;
@@ -1500,9 +1508,24 @@ int fxs_create(const char *name, int rank, int size, uint64_t slot_bytes, uint64
     h->off_ctrl = off_ctrl;
     h->off_data = off_data;
     h->total = total;
+    h->creator_pid = (int32_t)getpid();
+    h->creator_pidns = self_pidns();
     atomic_store(&h->attached, 0);
     atomic_thread_fence(memory_order_seq_cst);
     h->magic = MAGIC;
+    if (!named) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        char target[NAME_MAX + 16];
+        snprintf(target, sizeof target, "/dev/shm%s", name);
+        if (linkat(AT_FDCWD, path, AT_FDCWD, target, AT_SYMLINK_FOLLOW) != 0) {
+            put_err(err, errlen, "naming the segment %s (linkat %s) failed: %s", name, target, strerror(errno));
+            close(fd);
+            munmap(base, total);
+            return FXS_ESYS;
+        }
+    }
+    close(fd);
     int rc = comm_init(out, base, total, rank, timeout, mode, name, err, errlen);
     if (rc) {
         munmap(base, total);

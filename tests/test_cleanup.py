@@ -80,27 +80,43 @@ def test_sweep_removes_only_segments_whose_creator_died():
         lib.fxs_unlink(live.encode())
 
 
+def _unnamed_segment_open(pid: int) -> bool:
+    """Whether process ``pid`` holds a /dev/shm file that has no name yet (an O_TMPFILE)."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        targets = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(t.startswith("/dev/shm/") and t.endswith("(deleted)") for t in targets)
+
+
 @pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
-def test_sweep_removes_segment_of_creator_killed_while_reserving():
-    """Rank 0 SIGKILLed inside fxs_create, while a 512 MiB segment's memory is being reserved."""
+def test_creator_killed_while_reserving_leaves_no_name():
+    """Rank 0 SIGKILLed inside fxs_create, while a 512 MiB segment's memory is being reserved.
+
+    The segment is named only once its header is complete, so the kill leaves nothing in
+    /dev/shm (the kernel frees the unnamed file) and the sweep has nothing to find.
+    """
     from flagcx import _shm
-    from flagcx._shm import lib
 
     name = f"/{SEGMENT_PREFIX}test-reserving-{os.urandom(4).hex()}"
     proc = subprocess.Popen([sys.executable, "-c", _CREATOR, _shm.__file__, name, str(1 << 28)], stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not os.path.exists("/dev/shm" + name) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        assert os.path.exists("/dev/shm" + name), "the creator never made its segment"
+        caught = False
+        while proc.poll() is None and time.monotonic() < deadline and not os.path.exists("/dev/shm" + name):
+            if _unnamed_segment_open(proc.pid):
+                caught = True
+                break
+            time.sleep(0.0002)
+        assert caught, "never saw the creator reserve an unnamed segment (named from the start, or too fast to catch)"
     finally:
         proc.kill()
         proc.wait()
-    lib.fxs_sweep(SEGMENT_PREFIX.encode())
     leaked = os.path.exists("/dev/shm" + name)
     if leaked:
         os.unlink("/dev/shm" + name)
-    assert not leaked, "a segment whose creator died while reserving its memory survived the sweep"
+    assert not leaked, "a creator killed while reserving its segment's memory left the name behind"
 
 
 @pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
