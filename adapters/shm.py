@@ -1,8 +1,9 @@
 """Shm adapter: flagcx's own shared-memory transport for the CPU tensors of ranks on one host.
 
 The transport is C (``csrc/``, built as ``flagcx._shm`` by cffi at install). Rank 0
-creates one POSIX shm segment per communicator under a random name (mode 0600) and
-shares the name through the adapter's store; the segment is unlinked as soon as every
+creates one POSIX shm segment per communicator (built unnamed, then named at random with
+mode 0600 once its header is complete) and shares the name through the adapter's store;
+the segment is unlinked as soon as every
 rank has attached, so a crash leaves nothing in /dev/shm (if rank 0 and every rank still
 to attach all die during init, the next communicator's rank 0 on the host removes the
 orphan: ``fxs_sweep``). Each collective is a single
