@@ -1454,9 +1454,10 @@ int fxs_create(const char *name, int rank, int size, uint64_t slot_bytes, uint64
     size_t total = off_data + nchan * chan;
     /* The segment is built unnamed (an O_TMPFILE in /dev/shm, freed by the kernel if this
      * process dies) and named only once its header is complete: no kill leaves a name that
-     * fxs_sweep could not recognise. Where /dev/shm has no O_TMPFILE it is named from the start. */
+     * fxs_sweep could not recognise. Where /dev/shm has no O_TMPFILE, or there is no /proc to
+     * name it through, it is named from the start. */
     int named = 0;
-    int fd = open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    int fd = access("/proc/self/fd", X_OK) == 0 ? open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600) : -1;
     if (fd < 0) {
         fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
         named = 1;

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Optional
 
 import pytest
 import torch
@@ -128,6 +129,41 @@ def test_creator_killed_while_reserving_leaves_no_name():
     if leaked:
         os.unlink("/dev/shm" + name)
     assert not leaked, "a creator killed while reserving its segment's memory left the name behind"
+
+
+def _without_proc() -> Optional[list[str]]:
+    """A command prefix that runs a process with an empty /proc (a user and mount namespace), or None where it cannot."""
+    prefix = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none /proc && exec "$0" "$@"']
+    try:
+        ok = subprocess.run([*prefix, "test", "!", "-e", "/proc/self"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if ok else None
+
+
+@pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
+@pytest.mark.skipif(_without_proc() is None, reason="cannot start a process without /proc here (unshare -rm)")
+def test_creator_without_proc_names_its_segment_from_the_start():
+    """Without /proc a segment cannot be named after it is built; it is named from the start and a rank attaches as usual."""
+    from flagcx import _shm
+    from flagcx._shm import ffi, lib
+
+    name = f"/{SEGMENT_PREFIX}test-noproc-{os.urandom(4).hex()}"
+    prefix = _without_proc()
+    assert prefix is not None
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", _CREATOR, _shm.__file__, name, str(1 << 16)], stdout=subprocess.PIPE, text=True)
+    out, err = ffi.new("fxs_comm **"), ffi.new("char[]", 512)
+    try:
+        assert proc.stdout.readline().strip() == "0", "fxs_create failed without /proc"
+        assert lib.fxs_attach(name.encode(), 1, 2, 60.0, out, err, 512) == 0, ffi.string(err)
+        assert not os.path.exists("/dev/shm" + name), "the last rank to attach did not unlink the name"
+    finally:
+        proc.kill()
+        proc.wait()
+        if out[0] != ffi.NULL:
+            lib.fxs_close(out[0], 1)
+        if os.path.exists("/dev/shm" + name):
+            os.unlink("/dev/shm" + name)
 
 
 @pytest.mark.skipif(not SHM_OK, reason="the shm transport is not built")
