@@ -1,16 +1,17 @@
-"""Host time per eager CUDA all_reduce at world size 1: torch ProcessGroupNCCL against flagcx, same GPU, interleaved.
+"""Host time per eager all_reduce at world size 1: torch's own backend against flagcx, same device, interleaved.
 
-Each variant runs in a fresh process (one rank, one GPU, a FileStore), enqueues ``--calls``
-all_reduces back to back after a warm-up and reports the host time per call (the loop's
-perf_counter time / calls, before the final synchronize): what an inference engine's
-Python thread pays per collective. Variants:
+Each variant runs in a fresh process (one rank, one GPU or the CPU, a FileStore), enqueues
+``--calls`` all_reduces back to back after a warm-up and reports the host time per call
+(the loop's perf_counter time / calls, before the final synchronize): what an inference
+engine's Python thread pays per collective. Variants:
 
-- ``torch``: ``dist.all_reduce`` on a ProcessGroupNCCL group;
-- ``flagcx``: ``dist.all_reduce`` on a flagcx group (NCCL adapter);
+- ``torch``: ``dist.all_reduce`` on a ProcessGroupNCCL group (``--device cpu``: Gloo);
+- ``flagcx``: ``dist.all_reduce`` on a flagcx group (NCCL adapter; on the CPU, shm);
 - ``comm``: ``flagcx.Communicator.all_reduce`` directly;
-- ``flagcx-nowd`` / ``comm-nowd``: the same with FLAGCX_NCCL_WATCHDOG=0.
+- ``flagcx-nowd`` / ``comm-nowd``: the same with FLAGCX_NCCL_WATCHDOG=0 (CUDA only).
 
     python benchmarks/percall_bench.py --passes 3 --out benchmarks/results/NAME
+    python benchmarks/percall_bench.py --device cpu --variants torch,flagcx,comm
     python benchmarks/percall_bench.py --profile comm     # cProfile of the flagcx path, top 25
 
 Writes OUT.json and OUT.md (median over passes of each pass's median, per size).
@@ -33,12 +34,15 @@ VARIANTS = ("torch", "flagcx", "comm", "flagcx-nowd", "comm-nowd")
 SIZES = (8, 512, 8 << 10, 64 << 10, 256 << 10)
 
 
-def _one(variant: str, calls: int, repeats: int, profile: bool) -> dict:
+def _one(variant: str, device: str, calls: int, repeats: int, profile: bool) -> dict:
     """Run in the child: time the variant, print one JSON line."""
     import torch
     import torch.distributed as dist
 
-    torch.cuda.set_device(0)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    if cuda:
+        torch.cuda.set_device(0)
     with tempfile.TemporaryDirectory() as tmp:
         store = dist.FileStore(os.path.join(tmp, "store"), 1)
         if variant.startswith("comm"):
@@ -49,33 +53,34 @@ def _one(variant: str, calls: int, repeats: int, profile: bool) -> dict:
         else:
             if variant.startswith("flagcx"):
                 import flagcx  # noqa: F401  (registers the backend)
-            dist.init_process_group("nccl" if variant == "torch" else "flagcx", store=store, rank=0, world_size=1)
+            peer = "nccl" if cuda else "gloo"
+            dist.init_process_group(peer if variant == "torch" else "flagcx", store=store, rank=0, world_size=1)
             call = dist.all_reduce
         result = {}
         for size in SIZES:
-            t = torch.ones(size // 4, device="cuda")
+            t = torch.ones(size // 4, device=device)
             for _ in range(50):
                 call(t)
-            torch.cuda.synchronize()
+            sync()
             per_call = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     call(t)
                 per_call.append((time.perf_counter() - t0) / calls * 1e6)
-                torch.cuda.synchronize()
+                sync()
             result[size] = statistics.median(per_call)
         if profile:
             import cProfile
             import pstats
 
-            t = torch.ones(2, device="cuda")
+            t = torch.ones(2, device=device)
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(20000):
                 call(t)
             prof.disable()
-            torch.cuda.synchronize()
+            sync()
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         if variant.startswith("comm"):
             comm.destroy()
@@ -87,24 +92,26 @@ def _one(variant: str, calls: int, repeats: int, profile: bool) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None, help="comma list (default: all; on the CPU torch,flagcx,comm)")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, choices=VARIANTS, help="print a cProfile of one variant instead")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.child:
-        print(json.dumps(_one(ns.child, ns.calls, ns.repeats, ns.profile is not None)))
+        print(json.dumps(_one(ns.child, ns.device, ns.calls, ns.repeats, ns.profile is not None)))
         return 0
-    variants = [ns.profile] if ns.profile else ns.variants.split(",")
+    default = VARIANTS if ns.device == "cuda" else ("torch", "flagcx", "comm")
+    variants = [ns.profile] if ns.profile else (ns.variants.split(",") if ns.variants else list(default))
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(1 if ns.profile else ns.passes):
         for v in variants:
             env = {**os.environ}
             if v.endswith("-nowd"):
                 env["FLAGCX_NCCL_WATCHDOG"] = "0"
-            cmd = [sys.executable, __file__, "--child", v, "--calls", str(ns.calls), "--repeats", str(ns.repeats)]
+            cmd = [sys.executable, __file__, "--child", v, "--device", ns.device, "--calls", str(ns.calls), "--repeats", str(ns.repeats)]
             if ns.profile:
                 cmd += ["--profile", v]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -117,9 +124,12 @@ def main() -> int:
     summary = {v: {s: statistics.median(r[s] for r in rs) for s in SIZES} for v, rs in runs.items()}
     import torch
 
+    if ns.device == "cuda":
+        where = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
+    else:
+        where = f"CPU ({os.cpu_count()} cpus; torch = Gloo), torch {torch.__version__}"
     lines = [
-        f"# Host time per eager all_reduce, world size 1 ({torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-        f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
+        f"# Host time per eager all_reduce, world size 1 ({where}, {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
         "",
         f"median over {len(next(iter(runs.values())))} interleaved passes of each pass's median of {ns.repeats} loops of {ns.calls} calls (us)",
         "",

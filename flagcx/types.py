@@ -25,6 +25,10 @@ class ReduceOp(enum.Enum):
     AVG = "avg"
     PREMUL_SUM = "premul_sum"
 
+    # Members are singletons compared by identity, so the identity hash is consistent with
+    # equality; Enum's own hashes the name in Python, twice per call on the fast path.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True)
 class PremulSum:

@@ -206,3 +206,22 @@ def test_real_refusals_come_before_any_rank_starts_work():
     p = _bench("allreduce", "--device", "cuda", "--nproc", "2")
     assert p.returncode == 2 and "--device cuda: torch" in p.stderr and "use --device cpu" in p.stderr, p.stderr
     assert time.monotonic() - t0 < 8, "spawned ranks before finding there is no GPU"
+
+
+def test_real_percall_bench_on_the_cpu(tmp_path):
+    """benchmarks/percall_bench.py --device cpu: Gloo, the flagcx backend and the Communicator, one process each, every size."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "percall_bench.py"
+    out = tmp_path / "percall"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--passes", "1", "--calls", "50", "--repeats", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    assert sorted(summary) == ["comm", "flagcx", "torch"]
+    assert all(len(per_size) == 5 and all(us > 0 for us in per_size.values()) for per_size in summary.values()), summary
+    assert "| 262144 |" in out.with_suffix(".md").read_text() and "torch = Gloo" in done.stdout
