@@ -11,13 +11,16 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor's storage."""
-    f = t.reshape(-1)
-    if f.dtype == torch.uint8:
-        return f
-    if f.numel() == 0:
+    """A flat uint8 view of a contiguous tensor's storage (always a new tensor object).
+
+    A 1-D tensor skips the reshape: each view costs ~0.9 us of dispatch, a third of a
+    small synchronous all_gather.
+    """
+    if t.dtype == torch.uint8:
+        return t.reshape(-1)
+    if t.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=t.device)
-    return f.view(torch.uint8)
+    return (t if t.dim() == 1 else t.reshape(-1)).view(torch.uint8)
 
 
 def nbytes(t: torch.Tensor) -> int:

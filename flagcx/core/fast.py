@@ -77,7 +77,7 @@ class FastPath:
         if kind == "allreduce":
             adapter.allreduce(send, recv, native).wait()
         elif kind == "reducescatter":
-            adapter.reducescatter(send.view(-1), recv.view(-1), native).wait()
+            adapter.reducescatter(send if send.dim() == 1 else send.view(-1), recv if recv.dim() == 1 else recv.view(-1), native).wait()
         else:
             adapter.allgather(as_bytes(send), as_bytes(recv)).wait()
         return True

@@ -240,16 +240,17 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         return f"ProcessGroupFlagcx(name={self._group_name!r}, rank={self.rank()}, size={self.size()})"
 
     # ---------------------------------------------------------------- helpers
-    def _work(self, works: Sequence[Union[Work, int, None]], outputs: Sequence[torch.Tensor], op: str) -> FlagcxWork:
+    def _work(self, works: Sequence[Union[Work, int, None]], outputs: Sequence[torch.Tensor], op: str, async_op: bool = True) -> FlagcxWork:
+        """One torch Work over the calls' Works; a synchronous call that finished shares the completed one."""
         real = [w for w in works if isinstance(w, Work)]
         if not real:
-            return FlagcxWork(None, outputs)
+            return FlagcxWork(None, outputs) if async_op else _completed()
         return FlagcxWork(real[0] if len(real) == 1 else merge(op, real), outputs)
 
     def _grouped(self, op: str, calls, outputs: Sequence[torch.Tensor], async_op: bool) -> FlagcxWork:
         """Run several comm calls as one group (one Work)."""
         if len(calls) == 1:
-            return self._work([calls[0](async_op)], outputs, op)
+            return self._work([calls[0](async_op)], outputs, op, async_op)
         self.comm.group_start()
         try:
             for call in calls:
@@ -295,7 +296,8 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         return self.allgather(per_input, ins, opts)
 
     def all_gather_single(self, output, input, opts=None) -> FlagcxWork:
-        return self._work([self.comm.all_gather(output, input, async_op=_async(opts))], [output], "allgather")
+        a = _async(opts)
+        return self._work([self.comm.all_gather(output, input, async_op=a)], [output], "allgather", a)
 
     _allgather_base = all_gather_single
 
@@ -312,7 +314,8 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         return self._grouped("reduce_scatter", calls, outs, _async(opts))
 
     def reduce_scatter_single(self, output, input, opts=None) -> FlagcxWork:
-        return self._work([self.comm.reduce_scatter(output, input, _op_of(opts), async_op=_async(opts))], [output], "reduce_scatter")
+        a = _async(opts)
+        return self._work([self.comm.reduce_scatter(output, input, _op_of(opts), async_op=a)], [output], "reduce_scatter", a)
 
     _reduce_scatter_base = reduce_scatter_single
 
