@@ -6,21 +6,17 @@ import torch
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of a contiguous tensor (0-dim tensors become 1 element)."""
-    return t.reshape(-1)
+    """A contiguous tensor as 1-D: itself when it already is (a view costs ~0.9 us of dispatch), else a view (0-dim: 1 element)."""
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor's storage (always a new tensor object).
-
-    A 1-D tensor skips the reshape: each view costs ~0.9 us of dispatch, a third of a
-    small synchronous all_gather.
-    """
+    """A flat uint8 view of a contiguous tensor's storage (always a new tensor object)."""
     if t.dtype == torch.uint8:
         return t.reshape(-1)
     if t.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=t.device)
-    return (t if t.dim() == 1 else t.reshape(-1)).view(torch.uint8)
+    return flat(t).view(torch.uint8)
 
 
 def nbytes(t: torch.Tensor) -> int:

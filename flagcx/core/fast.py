@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter
-from ..tensors import as_bytes
+from ..tensors import as_bytes, flat
 from ..types import ReduceOp, ReduceOpLike
 
 
@@ -77,7 +77,7 @@ class FastPath:
         if kind == "allreduce":
             adapter.allreduce(send, recv, native).wait()
         elif kind == "reducescatter":
-            adapter.reducescatter(send if send.dim() == 1 else send.view(-1), recv if recv.dim() == 1 else recv.view(-1), native).wait()
+            adapter.reducescatter(flat(send), flat(recv), native).wait()
         else:
             adapter.allgather(as_bytes(send), as_bytes(recv)).wait()
         return True
