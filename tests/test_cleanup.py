@@ -15,6 +15,7 @@ same checks after a peer is SIGKILLed run in tests/test_faults.py.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import subprocess
@@ -137,6 +138,7 @@ def test_creator_killed_while_reserving_leaves_no_name():
     assert not leaked, "a creator killed while reserving its segment's memory left the name behind"
 
 
+@functools.cache
 def _without_proc() -> Optional[list[str]]:
     """A command prefix that runs a process with an empty /proc (a user and mount namespace), or None where it cannot."""
     prefix = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none /proc && exec "$0" "$@"']
