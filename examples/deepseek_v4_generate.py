@@ -15,6 +15,15 @@ and tokens with the same model in one process. Exits non-zero on a mismatch.
 ``init_process_group("flagcx")`` (heterogeneous mode):
 
     python -m flagcx.launch --nproc 4 examples/deepseek_v4_generate.py --tp 4 --ogroup-tp 2 --cuda-ranks 1
+
+``--checkpoint DIR`` runs a checkpoint in DeepSeek's published layout instead (V4-Flash,
+V4-Pro, their -Base, a BF16 re-export): ``meta_model(DIR)`` + ``open_checkpoint(DIR)`` +
+``parallelize``, each rank dequantizing only its slices; it reports the load time and the
+bytes each rank read, encodes ``--text`` with the checkpoint's tokenizer when it has one,
+and with ``--check`` also loads the whole model in one process (transformers'
+``from_pretrained``; small checkpoints only) and compares:
+
+    python -m flagcx.launch --nproc 16 examples/deepseek_v4_generate.py --checkpoint /data/DeepSeek-V4-Flash --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import flagcx
-from flagcx.models.deepseek_v4 import parallelize, parameter_bytes, random_model, tiny_config
+from flagcx.models.deepseek_v4 import meta_model, open_checkpoint, parallelize, parameter_bytes, random_model, tiny_config
 from flagcx.topology import init_tp_groups
 
 TOLERANCE = 1e-4
@@ -52,6 +63,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of every rank")
     p.add_argument("--cuda-ranks", type=int, default=0, help="put the first N ranks on CUDA and the rest on CPU (heterogeneous mode)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint folder in DeepSeek's published layout (instead of the tiny random model)")
+    p.add_argument("--text", default="The capital of France is", help="prompt for --checkpoint when it has a tokenizer")
+    p.add_argument("--check", action="store_true", help="with --checkpoint: compare with the whole model in one process")
     return p.parse_args(argv)
 
 
@@ -77,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     dtype = getattr(torch, args.dtype)
     dist.init_process_group("flagcx")
+    if args.checkpoint:
+        try:
+            return from_checkpoint(args, rank, world, device, dtype)
+        finally:
+            dist.destroy_process_group()
     try:
         config = tiny_config()
         full = random_model(config, args.seed)
@@ -118,6 +137,58 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     finally:
         dist.destroy_process_group()
+
+
+def prompt(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, object]:
+    """Token ids of ``--text`` (the checkpoint's tokenizer) or seeded random ids; and the tokenizer (or None)."""
+    if (args.checkpoint / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        return tokenizer([args.text] * args.batch, return_tensors="pt").input_ids, tokenizer
+    return torch.randint(1, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(args.seed)), None
+
+
+def from_checkpoint(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> int:
+    """The published checkpoint under nested TP; with --check, against the whole model in one process."""
+    model = meta_model(args.checkpoint, dtype=dtype)
+    groups = init_tp_groups(args.tp, args.ogroup_tp, o_groups=model.config.o_groups)
+    start = time.perf_counter()
+    with open_checkpoint(args.checkpoint) as ckpt:
+        parallelize(model, groups, state_dict=ckpt, device=device)
+        read = sum(ckpt.bytes_read.values())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    load = torch.tensor([time.perf_counter() - start, float(read)], dtype=torch.float64, device=device)
+    dist.all_reduce(load, op=dist.ReduceOp.MAX)
+    ids, tokenizer = prompt(args, model.config.vocab_size)
+    logits, tokens = run(model, ids.to(device), args.new_tokens)
+    ok = True
+    if args.check:
+        from transformers import DeepseekV4ForCausalLM
+
+        whole = DeepseekV4ForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).eval()
+        ref_logits, ref_tokens = run(whole, ids, args.new_tokens)
+        err = (logits.cpu() - ref_logits).abs().max().item() / ref_logits.abs().max().item()
+        same = torch.equal(tokens.cpu(), ref_tokens)
+        verdict = torch.tensor([err, 0.0 if same else 1.0], dtype=torch.float64, device=device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+        worst, mismatched = verdict.tolist()
+        ok = worst <= TOLERANCE and not mismatched if dtype == torch.float32 else True
+    if rank == 0:
+        print(groups.plan.describe())
+        print(f"loaded {args.checkpoint} in {load[0].item():.2f} s (slowest rank), at most {load[1].item() / 2**20:.1f} MiB read by one rank")
+        print(f"parameters per rank {parameter_bytes(model) / 2**20:.1f} MiB ({args.dtype}, on {device.type})")
+        shown = tokenizer.batch_decode(tokens.cpu()) if tokenizer is not None else tokens.cpu().tolist()
+        print(f"{world} ranks    : {shown}")
+        if args.check:
+            print(
+                f"one process : tokens {ref_tokens.tolist()}\nmax logit error {worst:.3e} of max |logit|, "
+                f"tokens {'equal' if not mismatched else 'differ'}: {'OK' if ok else 'MISMATCH'}",
+                flush=True,
+            )
+    dist.barrier()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -29,3 +29,32 @@ def test_generate_example_4_ranks():
         proc = subprocess.run(cmd, cwd=root, env={**os.environ, "FLAGCX_TIMEOUT": "120"}, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         assert ": OK" in proc.stdout and "4 ranks" in proc.stdout, proc.stdout
+
+
+def test_generate_example_from_a_published_checkpoint_4_ranks(tmp_path):
+    """examples/deepseek_v4_generate.py --checkpoint on a generated FP8 / FP4 checkpoint, checked against transformers in one process."""
+    from flagcx.models.deepseek_v4 import random_model, tiny_config
+
+    from .helpers.v4_checkpoint import write_checkpoint
+
+    config = tiny_config()
+    write_checkpoint(tmp_path, {k: v.contiguous() for k, v in random_model(config, 5).state_dict().items()}, config)
+    root = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable,
+        "-m",
+        "flagcx.launch",
+        "--nproc",
+        "4",
+        "examples/deepseek_v4_generate.py",
+        "--tp",
+        "4",
+        "--ogroup-tp",
+        "2",
+        "--checkpoint",
+        str(tmp_path),
+        "--check",
+    ]
+    proc = subprocess.run(cmd, cwd=root, env={**os.environ, "FLAGCX_TIMEOUT": "120"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "tokens equal: OK" in proc.stdout and "MiB read by one rank" in proc.stdout, proc.stdout

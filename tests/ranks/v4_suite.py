@@ -8,6 +8,14 @@ logits (float32: max error <= 1e-4 of max |logit|) and tokens with the reference
 1, 2 and 4 simulated hosts. Batch 3 of 13 tokens: block shares are uneven, and with
 4 blocks one is empty. One more layout reads the checkpoint from a safetensors file through
 ``safe_open`` (each rank reads only its slices).
+
+From DeepSeek's published layout: rank 0 writes the same model as a sharded FP8 / FP4
+checkpoint (tests/helpers/v4_checkpoint.py) and loads it whole with transformers'
+``from_pretrained`` (the one-process reference); each layout (16, 8), (8, 4), (4, 2) then
+runs ``meta_model`` + ``open_checkpoint`` + ``parallelize`` on every rank: each shard equals
+``narrow()`` of the reference's tensors, each rank reads only its own experts' bytes, and
+logits and greedy tokens match the reference. Values that need scales (FP8 codes) or have
+the wrong shape are refused on every rank.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,8 +38,10 @@ from flagcx.models.memory import traffic_per_token
 from flagcx.topology import init_tp_groups
 
 from ..helpers.matrix import Check, expect_error
+from ..helpers.v4_checkpoint import write_checkpoint
 
 LAYOUTS = [(16, 8), (16, 4), (8, 8), (8, 4), (4, 2), (2, 1)]
+CHECKPOINT_LAYOUTS = [(16, 8), (8, 4), (4, 2)]
 HOSTS = [1, 2, 4]
 BATCH, SEQ, NEW_TOKENS = 3, 13, 8
 TOLERANCE = 1e-4
@@ -153,7 +164,83 @@ def v4_layouts(rank: int, size: int) -> Iterable[Check]:
         for hosts in HOSTS:
             yield f"W={world},t={t},hosts={hosts}", lambda w=world, tt=t, h=hosts: _layout(config, state, ids, reference, w, tt, h)
     yield "invalid layouts", lambda: _invalid(config)
+    box = [None]
+    if rank == 0:
+        box = [_published_reference(full, config, ids)]
+    dist.broadcast_object_list(box, src=0)
+    published, ref_state, ref_run = box[0]
+    for world, t in CHECKPOINT_LAYOUTS:
+        yield f"published checkpoint W={world},t={t}", lambda w=world, tt=t: _from_published(published, ref_state, ids, ref_run, w, tt)
+    yield "parallelize refuses codes and wrong shapes", lambda: _guard(config, ref_state, published)
+    yield "remove the published checkpoint", lambda: _remove(published)
     yield "destroy", dist.destroy_process_group
+
+
+def _published_reference(full, config, ids: torch.Tensor) -> tuple[str, dict, tuple]:
+    """Rank 0: ``full`` written in DeepSeek's published layout (FP8 / FP4, 3 shard files) and loaded back by transformers."""
+    from transformers import DeepseekV4ForCausalLM
+
+    path = tempfile.mkdtemp(prefix="flagcx-v4-published-")
+    write_checkpoint(Path(path), {k: v.contiguous() for k, v in full.state_dict().items()}, config, variant="flash")
+    reference = DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, reference.state_dict(), _run(reference, ids)
+
+
+def _from_published(path: str, ref_state: dict, ids: torch.Tensor, ref_run, world: int, t: int) -> None:
+    from flagcx.models.deepseek_v4 import Shards, meta_model, open_checkpoint, parallelize
+
+    groups = init_tp_groups(world, t, o_groups=8)
+    model = meta_model(path, dtype=torch.float32)
+    config = model.config
+    with open_checkpoint(path) as ckpt:
+        parallelize(model, groups, state_dict=ckpt)
+        read = dict(ckpt.bytes_read)
+    me = groups.placement
+    shards = Shards(config, world, me.tp_rank, me.ogroups)
+    for name, value in model.state_dict().items():
+        spec = shards.of(name)
+        want = ref_state[name] if spec is None else ref_state[name].narrow(spec[0], spec[1].start, spec[1].stop - spec[1].start)
+        assert torch.equal(value, want), f"W={world} t={t}: {name} differs from the reference's shard"
+    experts = {n.split(".")[4] for n in read if ".ffn.experts." in n}
+    assert experts == {str(e) for e in range(shards.experts.start, shards.experts.stop)}, f"rank read experts {sorted(experts)}"
+    assert not any(n.startswith("mtp.") for n in read)
+    logits, tokens = _run(model, ids)
+    ref_logits, ref_tokens = ref_run
+    err = (logits - ref_logits).abs().max().item()
+    assert err <= TOLERANCE * ref_logits.abs().max().item(), f"W={world} t={t}: max logit error {err:.3g}"
+    assert torch.equal(tokens, ref_tokens), f"W={world} t={t}: tokens {tokens.tolist()} != {ref_tokens.tolist()}"
+    _destroy(groups)
+
+
+def _guard(config, ref_state: dict, path: str) -> None:
+    """A rename-only source (FP8 codes without their scales) and a wrong shape are refused, naming the tensor."""
+    from safetensors import safe_open
+
+    from flagcx.models.deepseek_v4 import meta_model, parallelize
+
+    groups = init_tp_groups(16, 8, o_groups=8)
+    codes = dict(ref_state)
+    codes["model.layers.1.self_attn.q_b_proj.weight"] = ref_state["model.layers.1.self_attn.q_b_proj.weight"].to(torch.float8_e4m3fn)
+    expect_error(
+        InvalidArgument,
+        lambda: parallelize(meta_model(path), groups, state_dict=codes),
+        "model.layers.1.self_attn.q_b_proj.weight",
+        "float8_e4m3fn",
+        "open_checkpoint",
+    )
+    shaped = dict(ref_state)
+    shaped["model.layers.0.self_attn.o_a_proj.weight"] = ref_state["model.layers.0.self_attn.o_a_proj.weight"].t()
+    expect_error(InvalidArgument, lambda: parallelize(meta_model(path), groups, state_dict=shaped), "model.layers.0.self_attn.o_a_proj.weight", "shape")
+    first = sorted(Path(path).glob("*.safetensors"))[0]
+    with safe_open(str(first), "pt") as raw:
+        expect_error(InvalidArgument, lambda: parallelize(meta_model(path), groups, state_dict=raw), "DeepSeek-named", "open_checkpoint")
+    _destroy(groups)
+
+
+def _remove(path: str) -> None:
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path)
 
 
 def _invalid(config) -> None:

@@ -27,9 +27,13 @@ o-group TP t <= o_groups inside it, R = W / t blocks.
   intermediate units split W ways). Both partial outputs are summed in one all-reduce
   over the TP group.
 
-With ``state_dict`` (a mapping of the full checkpoint's tensors, or a lazy one such as
-safetensors' ``safe_open``, whose ``get_slice`` is used when present) every rank reads
-only its shards: this is the parameter conversion, and no rank holds the full model.
+With ``state_dict`` (DeepSeek's published files through :func:`.checkpoint.open_checkpoint`,
+which dequantizes each slice to the parameter's dtype on the target device; a mapping of
+the full checkpoint's tensors; or a lazy one such as safetensors' ``safe_open``, whose
+``get_slice`` is used when present) every rank reads only its shards: this is the
+parameter conversion, and no rank holds the full model. A value whose dtype holds codes
+or scales (FP8, FP4, int8) for a floating parameter, or whose shape is not the rank's
+shard, is refused with ``InvalidArgument``.
 Layouts that cannot work raise ``InvalidArgument`` (``check_layout``) before any weight
 is touched. Every buffer the sharded layers allocate has a shape fixed by the batch and
 sequence sizes and the layout (block shares come from ``TPPlan.token_shares``), never by
@@ -48,8 +52,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import invalid
-from ..topology.tp_groups import TPGroups
+from ...errors import invalid
+from ...topology.tp_groups import TPGroups
+from .checkpoint import Checkpoint
+from .formats import QUANTIZED
 
 OP = "deepseek_v4.parallelize"
 
@@ -136,19 +142,44 @@ class Shards:
         return None
 
 
-def _take(source: Any, name: str, spec: Optional[tuple[int, slice]]) -> torch.Tensor:
-    """Read ``name`` (only its shard when ``spec`` is given) from a mapping or a safetensors handle."""
+def _take(source: Any, name: str, spec: Optional[tuple[int, slice]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read ``name`` (only its shard when ``spec`` is given) from a Checkpoint, a safetensors handle or a mapping.
+
+    A :class:`Checkpoint` dequantizes straight to ``dtype`` on ``device``; other sources
+    return what they hold, and the caller casts.
+    """
+    index = None if spec is None else (slice(None),) * spec[0] + (spec[1],)
+    if isinstance(source, Checkpoint):
+        return source.read(name, index, dtype=dtype, device=device)
     if hasattr(source, "get_slice"):
-        sl = source.get_slice(name)
-        if spec is None:
-            return sl[:]
-        dim, s = spec
-        return sl[(slice(None),) * dim + (s,)]
+        return source.get_slice(name)[index if index is not None else slice(None)]
     full = source[name]
     if spec is None:
         return full
     dim, s = spec
     return full.narrow(dim, s.start, s.stop - s.start)
+
+
+def _checked(source: Any, name: str, like: torch.Tensor, spec: Optional[tuple[int, slice]], target: torch.device, rank: int) -> torch.Tensor:
+    """This rank's part of ``name`` from ``source``, refused when its shape is not the model's or its dtype holds codes or scales."""
+    if isinstance(source, Checkpoint):
+        shape = list(source.shape(name))
+    elif hasattr(source, "get_slice"):
+        shape = list(source.get_slice(name).get_shape())
+    else:
+        shape = list(source[name].shape)
+    if shape != list(like.shape):
+        raise invalid(OP, rank, "state_dict", f"{name!r} has shape {shape}, the model needs {list(like.shape)}", "pass the checkpoint of this model's config")
+    value = _take(source, name, spec, like.dtype, target)
+    if like.is_floating_point() and value.dtype in QUANTIZED:
+        raise invalid(
+            OP,
+            rank,
+            "state_dict",
+            f"{name!r} is stored as {value.dtype}, which needs its scales to become {like.dtype} values",
+            "load a published checkpoint through flagcx.models.deepseek_v4.open_checkpoint, which dequantizes",
+        )
+    return value
 
 
 class Traffic:
@@ -250,9 +281,9 @@ def parallelize(model: nn.Module, groups: TPGroups, state_dict: Any = None, devi
 
     ``forward(input_ids)`` then returns the full logits on every rank and ``generate()``
     works (greedy, with the KV cache); ``model.flagcx_traffic`` counts what the rank
-    hands to each collective. ``state_dict``: the full checkpoint (mapping or
-    safetensors handle), read shard by shard; required when the model is on the meta
-    device. ``device``: where the shards go (default: the model's parameters' device, CPU
+    hands to each collective. ``state_dict``: the full checkpoint (``open_checkpoint``,
+    a mapping or a safetensors handle), read shard by shard; required when the model is
+    on the meta device. ``device``: where the shards go (default: the model's parameters' device, CPU
     for a meta model).
     """
     config = model.config
@@ -267,7 +298,7 @@ def parallelize(model: nn.Module, groups: TPGroups, state_dict: Any = None, devi
             groups.rank,
             "state_dict",
             "is required for a model on the meta device",
-            "pass the checkpoint's tensors (a dict or safetensors' safe_open handle)",
+            "pass the checkpoint (open_checkpoint(path), a dict or safetensors' safe_open handle)",
         )
     target = device or (torch.device("cpu") if meta else next(model.parameters()).device)
     available = set(state_dict.keys()) if state_dict is not None else set()
@@ -292,16 +323,19 @@ def parallelize(model: nn.Module, groups: TPGroups, state_dict: Any = None, devi
             name = f"{mod_name}.{leaf}" if mod_name else leaf
             spec = shards.of(name)
             if name in available:
-                value = _take(state_dict, name, spec)
+                value = _checked(state_dict, name, param, spec, target, groups.rank)
             elif meta:
-                raise invalid(OP, groups.rank, "state_dict", f"has no tensor {name!r}", "pass the whole checkpoint")
+                published = "embed.weight" in available
+                fix = "open DeepSeek's published files with flagcx.models.deepseek_v4.open_checkpoint" if published else "pass the whole checkpoint"
+                raise invalid(OP, groups.rank, "state_dict", f"has no tensor {name!r}{' (it holds DeepSeek-named tensors)' if published else ''}", fix)
             else:
                 value = param.data if spec is None else param.data.narrow(spec[0], spec[1].start, spec[1].stop - spec[1].start)
             module._parameters[leaf] = nn.Parameter(value.to(device=target, dtype=param.dtype).contiguous(), requires_grad=param.requires_grad)
         for leaf, buf in list(module.named_buffers(recurse=False)):
             name = f"{mod_name}.{leaf}" if mod_name else leaf
             if name in available:
-                module._buffers[leaf] = _take(state_dict, name, None).to(device=target, dtype=buf.dtype)
+                value = _checked(state_dict, name, buf, None, target, groups.rank)
+                module._buffers[leaf] = value.to(device=target, dtype=buf.dtype)
             elif buf.is_meta:
                 module._buffers[leaf] = _rebuilt_buffer(module, leaf, target)
             else:
