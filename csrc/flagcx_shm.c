@@ -342,13 +342,20 @@ static inline int ready(fxs_comm *c, uint64_t target, int only) {
     return 1;
 }
 
-/* A dead awaited peer fails the wait (reported before one that merely closed). */
+/* A dead awaited peer fails the wait (reported before one that merely closed). A peer that
+ * posted step `target` before it closed or died is not awaited any more: its data stays in the
+ * segment, so a rank that finished its part and left fails only the waits that still need it.
+ * (The state is read before the sequence number, which the peer stored first.) */
 static int check_waited(fxs_comm *c, uint64_t target, int only) {
     char msg[256], first_msg[256];
     int first = -1, first_rc = 0;
     for (int p = 0; p < c->n; p++) {
         if (p == c->me || (only >= 0 && p != only) || c->known[p] >= target) continue;
         int rc = peer_problem(c, p, msg, sizeof msg);
+        if (rc) {
+            c->known[p] = atomic_load_explicit(&c->rec[p].seq, memory_order_acquire);
+            if (c->known[p] >= target) continue;
+        }
         if (rc && (first < 0 || (rc == FXS_EDEAD && first_rc != FXS_EDEAD))) {
             first = p;
             first_rc = rc;

@@ -1,0 +1,64 @@
+"""Ranks that finished their part and leave: a late rank's peers must still complete the collective.
+
+For reduce, gather, broadcast and all_reduce on 3 and 4 ranks, every rank position in turn
+arrives late (sleeps before the call) while every other rank destroys its group as soon
+as its own call returns, as a program does whose non-roots are done once their data is
+posted (and a broadcast root once it has sent). Each receiving rank checks its result
+exactly before it leaves. Small (one step) and large (many double-buffered steps) sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+import flagcx  # noqa: F401  (registers the backend)
+
+from ..helpers.matrix import Check
+
+LATE = 0.3
+"""Seconds the late rank sleeps: long enough for the others to post, return and destroy their group."""
+SIZES = (5, 300_001)
+OPS = ("reduce", "gather", "broadcast", "all_reduce")
+
+
+def _case(op: str, root: int, late: int, numel: int) -> None:
+    rank, size = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(size)))
+    x = torch.arange(numel, dtype=torch.int64) * (rank + 1) + rank
+    total = sum(torch.arange(numel, dtype=torch.int64) * (r + 1) + r for r in range(size))
+    if rank == late:
+        time.sleep(LATE)
+    if op == "reduce":
+        dist.reduce(x, dst=root, group=group)
+        assert rank != root or torch.equal(x, total), f"reduce root {root}: wrong sum"
+    elif op == "all_reduce":
+        dist.all_reduce(x, group=group)
+        assert torch.equal(x, total), "all_reduce: wrong sum"
+    elif op == "gather":
+        out = [torch.empty_like(x) for _ in range(size)] if rank == root else None
+        dist.gather(x, out, dst=root, group=group)
+        if rank == root:
+            for r, piece in enumerate(out):
+                assert torch.equal(piece, torch.arange(numel, dtype=torch.int64) * (r + 1) + r), f"gather root {root}: piece of rank {r}"
+    else:
+        if rank != root:
+            x.zero_()
+        dist.broadcast(x, src=root, group=group)
+        assert torch.equal(x, torch.arange(numel, dtype=torch.int64) * (root + 1) + root), f"broadcast root {root}: wrong data"
+    dist.destroy_process_group(group)
+
+
+def leavers(rank: int, size: int) -> Iterable[Check]:
+    torch.set_num_threads(1)
+    dist.init_process_group("flagcx")
+    for op in OPS:
+        for numel in SIZES:
+            for late in range(size):
+                root = (late + 1) % size if op != "all_reduce" else 0
+                yield f"{op} {numel} root {root} late {late}", lambda o=op, r=root, la=late, n=numel: _case(o, r, la, n)
+                dist.barrier()
+    yield "destroy", dist.destroy_process_group
