@@ -171,7 +171,8 @@ class GlooAdapter(Adapter):
         if self._broken is None:
             self._broken = f"the Gloo transport of {self.ctx.label} is unusable after '{what}' failed; abort this communicator and create a new one"
             self.abort()
-        return translate_error(exc, what, limit, self.rank, self._peers.explain() if collective else "")
+        cause = "timed out" if isinstance(translate_error(exc, what, limit), FlagcxTimeout) else "failed"
+        return translate_error(exc, what, limit, self.rank, self._peers.explain(cause) if collective else "")
 
     def _post(self, start: Callable[[ProcessGroupGloo], dist.Work], what: str, collective: bool = True) -> GlooHandle:
         """Start an op (``start(pg)`` returns its Work); failing to start it (a peer already gone) is the op's failure."""

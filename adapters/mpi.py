@@ -310,7 +310,7 @@ class MpiAdapter(Adapter):
                 )
         self._orphans.append((req, handle._keep))  # MPI may still write into these buffers
         self._broken = f"the MPI communicator of {self.ctx.label} is unusable after '{what}' timed out; destroy this communicator and create a new one"
-        peers = self._peers.explain() if handle._op != "send" else ""
+        peers = self._peers.explain("timed out") if handle._op != "send" else ""
         raise FlagcxTimeout(
             f"{what}: not complete within {limit:g} s ({peers or 'a peer crashed, did not call it, or is blocked in another call'}); "
             "this communicator is unusable now: destroy it and create a new one",

@@ -376,7 +376,7 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
         while not event.query():
             self.check_async_error()
             if time.monotonic() > deadline:
-                peers = self._peers.explain() if self._watched else ""
+                peers = self._peers.explain("timed out") if self._watched else ""
                 exc = FlagcxTimeout(
                     f"not finished on the device after {self.ctx.timeout:g} s on {self.ctx.label} ({peers or 'a peer did not arrive'}); "
                     "the communicator was aborted: create a new one",

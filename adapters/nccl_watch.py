@@ -88,7 +88,7 @@ class WatchedLaunches:
             return self._launches[0][:2] if self._launches else None
 
     def peer_report(self) -> str:
-        return self._peers.explain()
+        return self._peers.explain("timed out")
 
     def fail(self, exc: FlagcxError) -> None:
         """Called by the watchdog: keep ``exc`` for the next call or wait, then ncclCommAbort."""

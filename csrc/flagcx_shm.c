@@ -52,7 +52,7 @@
 #include "flagcx_reduce.h"
 
 #define MAGIC 0x6873786367616c66ULL /* "flagcxsh" */
-#define VERSION 2u
+#define VERSION 3u
 #define LINE 64
 #define PAGE 4096
 
@@ -84,7 +84,8 @@ typedef struct {
     int32_t pid;
     uint32_t reserved;
     uint64_t pidns;
-    char pad0[LINE - 48];
+    _Atomic uint64_t failed; /* 0, or the step at which this rank's communicator broke (first error) */
+    char pad0[LINE - 56];
     _Atomic uint32_t wake;
     char pad1[LINE - 4];
 } rank_rec;
@@ -218,16 +219,27 @@ static void put_err(char *err, size_t errlen, const char *fmt, ...) {
     va_end(ap);
 }
 
-/* Mark the communicator unusable (first reason wins); safe from both threads. */
-static void mark_broken(fxs_comm *c, int code, const char *msg, const int *ranks, int nranks) {
+static inline void wake_rank(fxs_comm *c, int p);
+
+/* Mark the communicator unusable (first reason wins); safe from both threads. The step it
+ * broke at is published in this rank's record, so that a peer arriving later at that
+ * collective fails it too instead of completing it from the data this rank had posted. */
+static void mark_broken(fxs_comm *c, int code, const char *msg, const int *ranks, int nranks, uint64_t step) {
+    int first = 0;
     pthread_mutex_lock(&c->lock);
     if (!atomic_load(&c->broken)) {
         snprintf(c->broken_msg, sizeof c->broken_msg, "%s", msg);
         c->broken_nranks = nranks < 8 ? nranks : 8;
         for (int i = 0; i < c->broken_nranks; i++) c->broken_ranks[i] = ranks[i];
         atomic_store(&c->broken, code);
+        first = 1;
     }
     pthread_mutex_unlock(&c->lock);
+    if (first && c->rec) {
+        atomic_store(&c->rec[c->me].failed, step);
+        for (int q = 0; q < c->n; q++)
+            if (q != c->me) wake_rank(c, q);
+    }
 }
 
 /* The error returned by every call once the communicator is broken. */
@@ -241,11 +253,15 @@ static int broken_error(fxs_comm *c) {
     return FXS_EBROKEN;
 }
 
-/* Fail the current call with code and c->err, and break the communicator. */
-static int fail(fxs_comm *c, int code) {
-    mark_broken(c, code, c->err, c->err_ranks, c->err_nranks);
+/* Fail the current call with code and c->err, and break the communicator at `step`: the first
+ * collective step this rank did not complete (FAILED_UNKNOWN when another thread broke it). */
+#define FAILED_UNKNOWN UINT64_MAX
+static int fail_at(fxs_comm *c, int code, uint64_t step) {
+    mark_broken(c, code, c->err, c->err_ranks, c->err_nranks, step);
     return code;
 }
+
+static int fail(fxs_comm *c, int code) { return fail_at(c, code, c->seq + 1); }
 
 static uint64_t self_pidns(void) {
     struct stat st;
@@ -284,6 +300,11 @@ static int peer_problem(fxs_comm *c, int p, char *msg, size_t len) {
         return FXS_EPEER;
     }
     if (st == ST_NONE) return 0; /* not attached yet: only the timeout applies */
+    if (atomic_load(&r->failed)) {
+        snprintf(msg, len, "rank %d (pid %d) stopped after an error of its own (it timed out or lost a peer) and "
+                 "will not reach this step", p, (int)r->pid);
+        return FXS_EPEER;
+    }
     signed char ok = __atomic_load_n(&c->pid_ok[p], __ATOMIC_RELAXED); /* both threads check */
     if (ok < 0) {
         ok = (signed char)(r->pid > 0 && c->my_pidns && r->pidns == c->my_pidns);
@@ -366,7 +387,7 @@ static int check_waited(fxs_comm *c, uint64_t target, int only) {
     set_err(c, "%s", first_msg);
     c->err_ranks[0] = first;
     c->err_nranks = 1;
-    return fail(c, first_rc);
+    return fail_at(c, first_rc, target);
 }
 
 static int timeout_error(fxs_comm *c, uint64_t target, int only, int64_t waited) {
@@ -388,7 +409,7 @@ static int timeout_error(fxs_comm *c, uint64_t target, int only, int64_t waited)
     set_err(c, "Timed out after %.3g s waiting for %s: alive but not in this collective "
             "(blocked elsewhere, hung, or calling a different op)",
             (double)waited / 1e9, list);
-    return fail(c, FXS_ETIMEOUT);
+    return fail_at(c, FXS_ETIMEOUT, target);
 }
 
 /* Wait until the awaited ranks posted step `target`: spin, yield, then futex sleep. */
@@ -483,7 +504,7 @@ static int check_desc(fxs_comm *c, uint64_t step, int only) {
             atomic_store(&c->rec[c->me].state, ST_MISMATCH);
             for (int q = 0; q < c->n; q++)
                 if (q != c->me) wake_rank(c, q);
-            return fail(c, FXS_EINVAL);
+            return fail_at(c, FXS_EINVAL, step);
         }
     }
     return FXS_OK;
@@ -500,11 +521,30 @@ static int op_begin(fxs_comm *c, uint64_t desc) {
     return FXS_OK;
 }
 
+/* After the first wait of an op: no awaited rank gave up on this step. A rank that timed out
+ * had posted its data; without this check a late rank would complete the collective that its
+ * peers failed, and run one step ahead of them (one more optimizer step, say). */
+static int check_failed(fxs_comm *c, uint64_t step, int only) {
+    for (int p = 0; p < c->n; p++) {
+        if (p == c->me || (only >= 0 && p != only)) continue;
+        uint64_t f = atomic_load_explicit(&c->rec[p].failed, memory_order_acquire);
+        if (f && f <= step) {
+            set_err(c, "rank %d (pid %d) already failed this collective (it timed out or lost a peer before this "
+                    "rank arrived), so it cannot complete on any rank", p, (int)c->rec[p].pid);
+            c->err_ranks[0] = p;
+            c->err_nranks = 1;
+            return fail_at(c, FXS_EPEER, step);
+        }
+    }
+    return FXS_OK;
+}
+
 /* Post, then wait for the awaited ranks' copy of the same step (checking the op on the first). */
 static int exchange(fxs_comm *c, int only, int first) {
     post(c);
     int rc = wait_seq(c, c->seq, only);
     if (!rc && first) rc = check_desc(c, c->seq, only);
+    if (!rc && first) rc = check_failed(c, c->seq, only);
     return rc;
 }
 
@@ -1117,7 +1157,7 @@ static int recv_progress(fxs_comm *c, int src) {
                      "post receives of exactly the sent size", src, (unsigned long long)len,
                      (unsigned long long)op->len);
             int r = src;
-            mark_broken(c, FXS_EINVAL, msg, &r, 1);
+            mark_broken(c, FXS_EINVAL, msg, &r, 1, FAILED_UNKNOWN);
             op_finish(op, FXS_EINVAL, src, msg);
             op = NULL;
         } else {
@@ -1222,13 +1262,13 @@ static int check_p2p_peers(fxs_comm *c) {
         if (!involved) continue;
         if (progress_pass(c)) return 0; /* the peer's last data may still be in the ring */
         int r = p;
-        mark_broken(c, rc, msg, &r, 1);
+        mark_broken(c, rc, msg, &r, 1, FAILED_UNKNOWN);
         return rc;
     }
     if (any_src && !any_live && c->n > 1) {
         snprintf(msg, sizeof msg, "every other rank closed, aborted or died while a recv from any source was pending");
         if (progress_pass(c)) return 0;
-        mark_broken(c, FXS_EPEER, msg, NULL, 0);
+        mark_broken(c, FXS_EPEER, msg, NULL, 0, FAILED_UNKNOWN);
         return FXS_EPEER;
     }
     return 0;

@@ -174,9 +174,11 @@ class PeerReport:
 
     At creation this rank publishes its process (host, pid namespace, pid) in the
     adapter's private store. After a failure :meth:`explain` reports this rank at a roll
-    call and waits up to ROLLCALL_WAIT seconds (never more than the timeout) for the
-    others: a rank whose process is gone died; a live one that did not report was not
-    in the failed call (blocked elsewhere, or never called it). Computed once per
+    call, with how it failed, and waits up to ROLLCALL_WAIT seconds (never more than the
+    timeout) for the others: a rank whose process is gone died; a live one that did not
+    report was not in the failed call (blocked elsewhere, or never called it); ranks that
+    reported a timeout are named too, so that a rank arriving after its peers gave up
+    learns who did (its own error is only a closed connection). Computed once per
     adapter; "" when nobody is missing, a note when the store is unreachable. The store
     is used from a helper thread given ROLLCALL_WAIT + 2 s: a store whose host vanished
     (a pulled cable) can block a client far longer than its timeout.
@@ -194,13 +196,14 @@ class PeerReport:
         except Exception:  # only the diagnosis depends on it
             pass
 
-    def explain(self) -> str:
+    def explain(self, cause: str = "failed") -> str:
+        """Who is behind this rank's failure (``cause``: how it failed here, e.g. ``timed out``), as a sentence or ""."""
         if self._verdict is None:
             answer: list[str] = []
 
             def rollcall() -> None:
                 try:
-                    answer.append(self._rollcall())
+                    answer.append(self._rollcall(cause))
                 except Exception as exc:
                     answer.append(f"the missing peers cannot be named: the store is unreachable ({type(exc).__name__})")
 
@@ -218,9 +221,9 @@ class PeerReport:
         pid, _, space = bytes(self._store.get(key)).decode().partition("|")
         return int(pid), space
 
-    def _rollcall(self) -> str:
+    def _rollcall(self, cause: str) -> str:
         store = self._store
-        store.set(f"rollcall/{self._rank}", b"1")
+        store.set(f"rollcall/{self._rank}", cause.encode())
         here = process_space()
         procs: dict[int, Optional[tuple[int, str]]] = {}
         waiting = [r for r in range(self._size) if r != self._rank]
@@ -245,7 +248,13 @@ class PeerReport:
                 parts.append(f"{who} (pid {proc[0]}) is alive but did not reach the failed call within {self._wait:g} s")
             else:
                 parts.append(f"{who} did not report within {self._wait:g} s (it died, or is blocked in another call)")
-        return ("peers that did not arrive: " + "; ".join(parts)) if parts else ""
+        verdict = ("peers that did not arrive: " + "; ".join(parts)) if parts else ""
+        if cause != "timed out":  # a rank that did not time out itself may have arrived after peers that did
+            others = [r for r in range(self._size) if r != self._rank and r not in waiting]
+            gave_up = [self._name(r) for r in others if bytes(store.get(f"rollcall/{r}")).decode() == "timed out"]
+            if gave_up:
+                verdict += ("; " if verdict else "") + f"peers that timed out in this call before this rank arrived: {', '.join(gave_up)}"
+        return verdict
 
 
 @dataclass(frozen=True)

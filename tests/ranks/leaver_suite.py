@@ -62,3 +62,50 @@ def leavers(rank: int, size: int) -> Iterable[Check]:
                 yield f"{op} {numel} root {root} late {late}", lambda o=op, r=root, la=late, n=numel: _case(o, r, la, n)
                 dist.barrier()
     yield "destroy", dist.destroy_process_group
+
+
+STUCK = 2.0
+"""FLAGCX_TIMEOUT of the late-rank checks; the late rank arrives after its peers timed out and ended their roll call."""
+
+
+def _late_rank(adapter: str) -> None:
+    """Ranks 0 and 1 time out in an all_reduce that rank 2 enters after the timeout: rank 2 must fail it too."""
+    from flagcx import Communicator, FlagcxError, FlagcxTimeout
+
+    from ..helpers.harness import flagcx_env
+
+    rank = dist.get_rank()
+    store = dist.PrefixStore(f"late-{adapter}/", dist.distributed_c10d._get_default_store())
+    env = {"FLAGCX_CPU_ADAPTER": adapter, "FLAGCX_TIMEOUT": str(STUCK)}
+    if adapter == "hetero":  # ranks 0 and 1 one shm cluster, rank 2 another
+        env.update(FLAGCX_CPU_ADAPTER="shm", FLAGCX_CLUSTER_ID="A" if rank < 2 else "B")
+    with flagcx_env(**env):
+        comm = Communicator(store, rank, 3, name=f"late-{adapter}")
+    x = torch.full((1000,), float(rank + 1))
+    try:
+        if rank == 2:
+            time.sleep(2 * STUCK + 1.5)
+            try:
+                comm.all_reduce(x)
+            except FlagcxError as exc:
+                assert "rank 0" in str(exc) or "rank 1" in str(exc), f"rank 2's error names neither rank 0 nor rank 1: {exc}"
+            else:
+                raise AssertionError(f"rank 2 completed an all_reduce that ranks 0 and 1 had failed (result {x[0].item()})")
+        else:
+            try:
+                comm.all_reduce(x)
+            except FlagcxTimeout as exc:
+                assert "rank 2" in str(exc), str(exc)
+            else:
+                raise AssertionError("ranks 0 and 1 should time out")
+    finally:
+        comm.abort()
+
+
+def late(rank: int, size: int) -> Iterable[Check]:
+    torch.set_num_threads(1)
+    dist.init_process_group("flagcx")
+    for adapter in ("shm", "gloo", "hetero"):
+        yield f"late rank, {adapter}", lambda a=adapter: _late_rank(a)
+        dist.barrier()
+    yield "destroy", dist.destroy_process_group
