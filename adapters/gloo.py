@@ -31,7 +31,7 @@ from torch._C._distributed_c10d import ProcessGroupGloo
 
 from ..bootstrap import PeerReport, hostname_address, route_address, select_interface
 from ..config import get as get_config
-from ..errors import CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
+from ..errors import Cause, CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
 from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
 from .base import Adapter, AdapterContext, Capabilities, Handle
@@ -46,16 +46,28 @@ _GLOO_OPS = {
 }
 
 
-def translate_error(exc: BaseException, what: str, timeout: float, rank: Optional[int] = None, peers: str = "") -> FlagcxError:
-    """Map a torch/Gloo error to the flagcx hierarchy (FlagcxTimeout, RemoteError for a lost peer); ``peers`` names the missing ones."""
-    text = str(exc)
-    lowered = text.lower()
-    note = f"; {peers}" if peers else ""
+def _gloo_cause(exc: BaseException) -> Optional[Cause]:
+    """What a torch/Gloo error means (its text is all Gloo gives)."""
+    lowered = str(exc).lower()
     if "timed out" in lowered or "timeout" in lowered:
-        return FlagcxTimeout(f"{what}: a peer did not arrive within {timeout:g} s ({text.strip()}){note}", rank=rank)
+        return Cause.TIMEOUT
     if "connection" in lowered or "closed" in lowered or "reset by peer" in lowered:
-        return RemoteError(f"{what}: a peer disconnected ({text.strip()}){note}", rank=rank)
-    return FlagcxError(f"{what}: {text.strip()}{note}", rank=rank)
+        return Cause.DISCONNECTED
+    return None
+
+
+def translate_error(
+    exc: BaseException, what: str, timeout: float, rank: Optional[int] = None, peers: str = "", blamed: tuple[int, ...] = (), comm: Optional[str] = None
+) -> FlagcxError:
+    """Map a torch/Gloo error to the flagcx hierarchy (FlagcxTimeout, RemoteError for a lost peer); ``peers`` names the missing ones, ``blamed`` lists them."""
+    text = str(exc).strip()
+    note = f"; {peers}" if peers else ""
+    cause = _gloo_cause(exc)
+    if cause is Cause.TIMEOUT:
+        return FlagcxTimeout(f"{what}: a peer did not arrive within {timeout:g} s ({text}){note}", rank=rank, peers=blamed, cause=cause, comm=comm)
+    if cause is Cause.DISCONNECTED:
+        return RemoteError(f"{what}: a peer disconnected ({text}){note}", rank=rank, peers=blamed, cause=cause, comm=comm)
+    return FlagcxError(f"{what}: {text}{note}", rank=rank, peers=blamed, comm=comm)
 
 
 def _store_host(store) -> Optional[str]:
@@ -152,7 +164,8 @@ class GlooAdapter(Adapter):
         except InvalidArgument:
             raise
         except Exception as exc:
-            raise translate_error(exc, f"creating the Gloo transport of {ctx.label}", ctx.timeout, ctx.rank, self._peers.explain()) from exc
+            report = self._peers.explain()
+            raise translate_error(exc, f"creating the Gloo transport of {ctx.label}", ctx.timeout, ctx.rank, report, self._peers.blamed, ctx.label) from exc
 
     @property
     def _pg(self) -> Any:
@@ -171,8 +184,10 @@ class GlooAdapter(Adapter):
         if self._broken is None:
             self._broken = f"the Gloo transport of {self.ctx.label} is unusable after '{what}' failed; abort this communicator and create a new one"
             self.abort()
-        cause = "timed out" if isinstance(translate_error(exc, what, limit), FlagcxTimeout) else "failed"
-        return translate_error(exc, what, limit, self.rank, self._peers.explain(cause) if collective else "")
+        if not collective:
+            return translate_error(exc, what, limit, self.rank, comm=self.ctx.label)
+        report = self._peers.explain("timed out" if _gloo_cause(exc) is Cause.TIMEOUT else "failed")
+        return translate_error(exc, what, limit, self.rank, report, self._peers.blamed, self.ctx.label)
 
     def _post(self, start: Callable[[ProcessGroupGloo], dist.Work], what: str, collective: bool = True) -> GlooHandle:
         """Start an op (``start(pg)`` returns its Work); failing to start it (a peer already gone) is the op's failure."""

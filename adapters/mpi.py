@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 
 from ..bootstrap import PeerReport, detect_launch_env, store_allgather
-from ..errors import CommAborted, FlagcxError, FlagcxTimeout
+from ..errors import Cause, CommAborted, FlagcxError, FlagcxTimeout
 from ..tensors import overlaps
 from ..types import REDUCE_DTYPES, ReduceOp
 from .base import Adapter, AdapterContext, Capabilities, Handle
@@ -316,6 +316,9 @@ class MpiAdapter(Adapter):
             "this communicator is unusable now: destroy it and create a new one",
             op=handle._op,
             rank=self.rank,
+            peers=self._peers.blamed if peers else (),
+            cause=Cause.TIMEOUT,
+            comm=self.ctx.label,
         )
 
     # ------------------------------------------------------------------ collectives

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .. import config, watchdog
 from ..bootstrap import PeerReport, store_allgather
-from ..errors import CommAborted, FlagcxError, FlagcxTimeout, NotSupported
+from ..errors import Cause, CommAborted, FlagcxError, FlagcxTimeout, NotSupported
 from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
 from . import nccl_lib
@@ -382,6 +382,9 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
                     "the communicator was aborted: create a new one",
                     op=op,
                     rank=self.rank,
+                    peers=self._peers.blamed if peers else (),
+                    cause=Cause.TIMEOUT,
+                    comm=self.ctx.label,
                 )
                 self.fail(exc)  # ncclCommAbort ends the stuck kernel; a later ncclCommDestroy would wait for it
                 raise exc

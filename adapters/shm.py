@@ -29,7 +29,7 @@ import torch
 
 from .. import config
 from ..bootstrap import store_allgather, store_broadcast
-from ..errors import BuildError, CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
+from ..errors import BuildError, Cause, CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
 from ..topology.detect import usable_cpus
 from ..types import REDUCE_DTYPES, ReduceOp
 from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
@@ -82,6 +82,12 @@ if _shm is not None:
         _lib.FXS_EDEAD: RemoteError,
         _lib.FXS_EPEER: RemoteError,
         _lib.FXS_EINVAL: InvalidArgument,
+    }
+    _CAUSES: dict[int, Cause] = {
+        _lib.FXS_ETIMEOUT: Cause.TIMEOUT,
+        _lib.FXS_EDEAD: Cause.DIED,
+        _lib.FXS_EPEER: Cause.PEER_LEFT,
+        _lib.FXS_EINVAL: Cause.MISMATCH,
     }
 
 
@@ -238,20 +244,23 @@ class ShmAdapter(Adapter):
         text = _text(_lib.fxs_error(c))
         ranks = _ffi.new("int[]", 8)
         k = _lib.fxs_error_ranks(c, ranks, 8)
-        note = self._mapping_note([ranks[i] for i in range(k)])
-        cls = _ERRORS.get(rc, FlagcxError)
-        if rc == _lib.FXS_EBROKEN:
-            cls = self._broken_class()
-        return cls(f"communicator {self.ctx.label}: {text}{note}", op=op, rank=self.rank)
-
-    def _broken_class(self) -> type[FlagcxError]:
-        return _ERRORS.get(int(_lib.fxs_broken(self._c)), FlagcxError)
+        peers = [ranks[i] for i in range(k)]
+        note = self._mapping_note(peers)
+        code = int(_lib.fxs_broken(c)) if rc == _lib.FXS_EBROKEN else rc
+        cls = _ERRORS.get(code, FlagcxError)
+        return cls(f"communicator {self.ctx.label}: {text}{note}", op=op, rank=self.rank, peers=peers, cause=_CAUSES.get(code), comm=self.ctx.label)
 
     def _op_error(self, rc: int, op, what: str) -> FlagcxError:
         peer = int(_lib.fxs_op_error_peer(op))
         note = self._mapping_note([peer]) if peer >= 0 else ""
         cls = CommAborted if rc == _lib.FXS_EBROKEN else _ERRORS.get(rc, FlagcxError)
-        return cls(f"{what} on communicator {self.ctx.label}: {_text(_lib.fxs_op_error(op))}{note}", rank=self.rank)
+        return cls(
+            f"{what} on communicator {self.ctx.label}: {_text(_lib.fxs_op_error(op))}{note}",
+            rank=self.rank,
+            peers=[peer] if peer >= 0 else [],
+            cause=_CAUSES.get(rc),
+            comm=self.ctx.label,
+        )
 
     # ------------------------------------------------------------------ collectives
     def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:

@@ -11,6 +11,7 @@ from .config import DEFAULT_TIMEOUT
 from .core.communicator import Communicator
 from .errors import (
     BuildError,
+    Cause,
     CommAborted,
     ConfigError,
     FlagcxError,
@@ -34,6 +35,7 @@ register()
 
 __all__ = [
     "BuildError",
+    "Cause",
     "CommAborted",
     "ConfigError",
     "Communicator",

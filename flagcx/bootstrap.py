@@ -191,6 +191,8 @@ class PeerReport:
         self._wait = min(ROLLCALL_WAIT, timeout)
         self._name = name
         self._verdict: Optional[str] = None
+        self.blamed: tuple[int, ...] = ()
+        """After :meth:`explain`: the ranks it names (missing or dead; else those that timed out before this rank)."""
         try:
             store.set(f"presence/{rank}", f"{os.getpid()}|{process_space()}".encode())
         except Exception:  # only the diagnosis depends on it
@@ -249,11 +251,13 @@ class PeerReport:
             else:
                 parts.append(f"{who} did not report within {self._wait:g} s (it died, or is blocked in another call)")
         verdict = ("peers that did not arrive: " + "; ".join(parts)) if parts else ""
+        self.blamed = tuple(waiting)
         if cause != "timed out":  # a rank that did not time out itself may have arrived after peers that did
             others = [r for r in range(self._size) if r != self._rank and r not in waiting]
-            gave_up = [self._name(r) for r in others if bytes(store.get(f"rollcall/{r}")).decode() == "timed out"]
+            gave_up = [r for r in others if bytes(store.get(f"rollcall/{r}")).decode() == "timed out"]
             if gave_up:
-                verdict += ("; " if verdict else "") + f"peers that timed out in this call before this rank arrived: {', '.join(gave_up)}"
+                verdict += ("; " if verdict else "") + f"peers that timed out in this call before this rank arrived: {', '.join(map(self._name, gave_up))}"
+                self.blamed = self.blamed or tuple(gave_up)
         return verdict
 
 

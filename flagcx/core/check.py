@@ -4,15 +4,24 @@ A mismatch (another op, dtype, size, root or reduce op, or a skipped call) raise
 InvalidArgument on every rank, naming what each rank called, instead of hanging or
 computing garbage. The cost is one small all-gather on the host transport per call
 (two for all_to_all, whose byte counts are checked pairwise).
+
+Point-to-point (:class:`PairCheck`): a send publishes ``dtype[elements]`` of its tensor in
+the store under the pair and the pair's send count; the matching recv, once its data has
+arrived, compares it with its own tensor. A mismatch raises InvalidArgument on the
+receiver and is left in the store for the sender, whose next checked call raises it.
+Nothing waits on the store before the transport op is posted, so pairs that post their
+receives before their sends do not deadlock. A recv from any source is not checked.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import InvalidArgument
+from ..bootstrap import store_poll
+from ..errors import FlagcxTimeout, InvalidArgument
 from ..types import PremulSum, ReduceOp
 
 FINGERPRINT = 160
@@ -48,19 +57,33 @@ def op_label(op: object) -> str:
 class CallCheck:
     """The FLAGCX_CHECK exchanges of one communicator (``allgather(op, mine)``: every rank's small CPU tensor, in rank order)."""
 
-    def __init__(self, rank: int, size: int, allgather: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, rank: int, size: int, allgather: Callable[[str, torch.Tensor], torch.Tensor], pairs: PairCheck) -> None:
         self.rank = rank
         self.size = size
         self._allgather = allgather
+        self._pairs = pairs
         self._seq = 0
 
     def call(self, op: str, *fields: str) -> None:
-        """Compare this call's fingerprint (sequence number, op, fields) with every rank's."""
+        """Compare this call's fingerprint (sequence number, op, fields) with every rank's.
+
+        A mismatched send that a receiver reported for this rank joins the fingerprint, so
+        that every rank raises (a sender raising alone would leave the others in the call).
+        """
         self._seq += 1
-        text = f"#{self._seq} {op}({', '.join(fields)})"
+        bad = self._pairs.reported()
+        text = f"#{self._seq} {op}({', '.join(fields)})" + (f" after a mismatched send: {bad}" if bad else "")
         mine = torch.frombuffer(bytearray(text.encode()[:FINGERPRINT].ljust(FINGERPRINT, b"\0")), dtype=torch.uint8)
         every = self._allgather(op, mine)
         calls = [bytes(every[r * FINGERPRINT : (r + 1) * FINGERPRINT].tolist()).rstrip(b"\0").decode(errors="replace") for r in range(self.size)]
+        flagged = [r for r, c in enumerate(calls) if " after a mismatched send: " in c]
+        if flagged:
+            raise InvalidArgument(
+                f"a send of rank(s) {flagged} did not match its recv, so every rank stops at this call"
+                + (f": {bad}" if bad else f" (rank {flagged[0]}: {calls[flagged[0]]})"),
+                op=op,
+                rank=self.rank,
+            )
         if any(c != calls[0] for c in calls):
             detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
             raise InvalidArgument(
@@ -87,3 +110,61 @@ class CallCheck:
                 op=op,
                 rank=self.rank,
             )
+
+
+class PairCheck:
+    """The FLAGCX_CHECK of send/recv on one communicator (see the module docstring); ``store`` is the communicator's."""
+
+    def __init__(self, rank: int, store, timeout: float) -> None:
+        self.rank = rank
+        self._store = store
+        self._timeout = timeout
+        self._sent: Counter[int] = Counter()
+        self._received: Counter[int] = Counter()
+
+    def _key(self, src: int, dst: int, k: int) -> str:
+        return f"flagcx-check/p2p/{src}-{dst}/{k}"
+
+    def reported(self) -> str:
+        """The mismatch a receiver found in one of this rank's sends ("" if none); reported once."""
+        key = f"flagcx-check/p2p/bad/{self.rank}"
+        if not self._store.check([key]):
+            return ""
+        text = bytes(self._store.get(key)).decode(errors="replace")
+        self._store.delete_key(key)
+        return text
+
+    def raise_reported(self, op: str) -> None:
+        """Raise the mismatch a receiver found in one of this rank's sends, if any."""
+        text = self.reported()
+        if text:
+            raise InvalidArgument(f"an earlier send of this rank did not match its recv: {text}", op=op, rank=self.rank)
+
+    def send(self, op: str, tensor: torch.Tensor, peer: int) -> None:
+        """Publish this send's description (before the transport sees it)."""
+        self.raise_reported(op)
+        k = self._sent[peer]
+        self._sent[peer] += 1
+        self._store.set(self._key(self.rank, peer, k), desc(tensor).encode())
+
+    def recv(self, op: str, tensor: torch.Tensor, peer: int) -> Callable[[], None]:
+        """The step that compares the matching send's description with ``tensor`` (run once the data arrived)."""
+        self.raise_reported(op)
+        k = self._received[peer]
+        self._received[peer] += 1
+        mine, key = desc(tensor), self._key(peer, self.rank, k)
+
+        def compare() -> None:
+            theirs = store_poll(self._store, key, self._timeout)
+            if theirs is None:
+                raise FlagcxTimeout(
+                    f"FLAGCX_CHECK: rank {peer} published no description of its send #{k} to this rank within {self._timeout:g} s", op=op, rank=self.rank
+                )
+            self._store.delete_key(key)
+            sent = bytes(theirs).decode()
+            if sent != mine:
+                text = f"rank {peer}'s send #{k} to rank {self.rank} carried {sent}, but the recv expected {mine}; a send and its recv must agree in dtype and size"
+                self._store.set(f"flagcx-check/p2p/bad/{peer}", text.encode())
+                raise InvalidArgument(text, op=op, rank=self.rank)
+
+        return compare

@@ -82,7 +82,8 @@ class Communicator:
         self._args = Args(rank, size)
         self._group = GroupState()
         self._sides: dict[str, SideStream] = {}
-        self._check = check.CallCheck(rank, size, self._host_allgather) if cfg.check else None
+        self._pairs = check.PairCheck(rank, store, self.timeout) if cfg.check else None
+        self._check = check.CallCheck(rank, size, self._host_allgather, self._pairs) if self._pairs is not None else None
         self._monitored = monitored.MonitoredBarrier(store, rank, size)
         self._fast = FastPath(size, enabled=self._check is None)
         self._records = _records if _records is not None else exchange_records(store, rank, size, self.timeout, f"init of {name}")
@@ -380,6 +381,8 @@ class Communicator:
         name = "send"
         self._args.tensor(name, "tensor", tensor)
         self._args.peer(name, peer)
+        if self._pairs is not None:
+            self._pairs.send(name, tensor, peer)
         with self._call(name, "send", tensor.device, async_op, tensor) as call:
             b = as_bytes(contig_in(tensor))
             return call.finish(lambda: call.adapter.send(b, peer), [], [tensor])
@@ -401,6 +404,8 @@ class Communicator:
                 self._args.peer(name, peer)
             steps: list[Step] = []
             b = as_bytes(contig_out(tensor, steps))
+            if self._pairs is not None and peer is not None:
+                steps.append(self._pairs.recv(name, tensor, peer))
             if async_op or call.group is not None:
                 return call.finish(lambda: call.adapter.recv(b, peer), steps, [tensor])
             handle = call.adapter.recv(b, peer)

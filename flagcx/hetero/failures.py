@@ -3,8 +3,9 @@
 A transport failure inside any op aborts every lane at once (the plan is broken
 anyway): peers blocked on this rank in another lane then fail immediately instead of at
 their timeout. Errors name ranks in the heterogeneous communicator's own numbering
-(never a lane's), and every failing rank records its error in the store, so a rank that
-only waited on a live peer (or saw it abort) appends what that peer was failing on,
+(never a lane's), built from the error's data (``peers``, ``cause``, ``comm``: never
+parsed from its text), and every failing rank records its error in the store, so a rank
+that only waited on a live peer (or saw it abort) appends what that peer was failing on,
 down to the rank that died or stalled. A heterogeneous op completes on the host, so a
 CUDA graph capture of one is refused.
 """
@@ -12,7 +13,7 @@ CUDA graph capture of one is refused.
 from __future__ import annotations
 
 import functools
-import re
+import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -20,80 +21,92 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 
 from ..bootstrap import store_poll
-from ..core.selection import AdapterSet
-from ..errors import FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported
+from ..errors import Cause, FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported
 
 if TYPE_CHECKING:  # the adapter's ops are wrapped here; only the type comes from there
     from . import HeteroAdapter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_RANK = re.compile(r"\brank (\d+)( \(global \d+\))?")
 FAILURE_WAIT = 2.0
-"""Seconds a failing rank waits for the record of a live peer it blames (see _fail_fast)."""
+"""Seconds a failing rank waits for the record of a live peer it blames (see with_peer_failures)."""
 
 
-def in_comm_ranks(adapter: HeteroAdapter, text: str) -> str:
-    """``text`` with the ranks of the sub-communicator it names rewritten as this communicator's ranks."""
-    for sub in sorted(adapter.lanes.sets(), key=lambda c: -len(c.name)):
-        at = text.find(sub.name)
-        if at < 0:
-            continue
-        head, tail = text[: at + len(sub.name)], text[at + len(sub.name) :]
+def comm_peers(adapter: HeteroAdapter, exc: FlagcxError) -> tuple[int, ...]:
+    """``exc.peers`` in this communicator's numbering (``exc.comm`` names the lane whose numbering they use)."""
+    if exc.comm == adapter.ctx.label:
+        return exc.peers
+    for sub in adapter.lanes.sets():
+        if sub.name == exc.comm:
+            g = sub.global_ranks
+            return tuple(adapter.ctx.global_ranks.index(g[r]) for r in exc.peers if 0 <= r < len(g))
+    return ()
 
-        def mapped(m: re.Match[str], sub: AdapterSet = sub) -> str:
-            r = int(m.group(1))
-            if r >= len(sub.global_ranks):
-                return m.group(0)
-            g = sub.global_ranks[r]
-            mine = adapter.ctx.global_ranks.index(g)
-            return f"rank {mine}" if mine == g else f"rank {mine} (global {g})"
 
-        return head.replace(sub.name, f"{adapter.ctx.label} ({sub.name[len(adapter.ctx.label) + 1 :]})") + _RANK.sub(mapped, tail)
+def rank_name(adapter: HeteroAdapter, r: int) -> str:
+    """``rank r``, with its global rank where the two differ."""
+    g = adapter.ctx.global_ranks[r]
+    return f"rank {r}" if g == r else f"rank {r} (global {g})"
+
+
+def in_comm_text(adapter: HeteroAdapter, exc: FlagcxError, peers: tuple[int, ...]) -> str:
+    """The lane's message under this communicator's label, then the ranks of this communicator it blames."""
+    label, lane = adapter.ctx.label, exc.comm or ""
+    text = exc.detail
+    if lane.startswith(label + ".") and lane != label:
+        text = f"{label} (lane {lane[len(label) + 1 :]}): {text}"
+    if peers:
+        text += f" [in {label}: {', '.join(rank_name(adapter, p) for p in peers)}]"
     return text
 
 
-def with_peer_failures(adapter: HeteroAdapter, exc: FlagcxError, text: str) -> tuple[str, type]:
+def with_peer_failures(adapter: HeteroAdapter, exc: FlagcxError, text: str, peers: tuple[int, ...]) -> tuple[str, type, tuple[int, ...]]:
     """``text`` plus what the live peers it blames were failing on (one peer's wait is often another's stall).
 
-    Every failing rank records its error (class and text) under ``failure/<rank>`` in the
-    store; a rank that blames a live peer (timed out waiting for it, or saw it abort) waits
-    up to FAILURE_WAIT for that peer's record and follows the chain, so the rank that
-    really died or stalled is named even by ranks that only waited on its victims. A rank
-    whose own news is only a peer's abort takes the class of the failure that caused it
-    (a peer that timed out makes it a FlagcxTimeout here too).
+    Every failing rank records its error (class, text, blamed ranks, cause) under
+    ``failure/<rank>`` in the store; a rank that blames a live peer waits up to
+    FAILURE_WAIT for that peer's record and follows the chain through the blamed ranks
+    (data, never the text), so the rank that really died or stalled is named even by
+    ranks that only waited on its victims. A rank whose own news is only a peer leaving
+    takes the class of the failure that caused it (a peer that timed out makes it a
+    FlagcxTimeout here too). Returns the text, the class and the ranks at the end of the
+    chain (blamed, with no failure of their own on record).
     """
     store = adapter.ctx.store
+    cause = exc.cause.value if exc.cause else None
+    record = json.dumps({"cls": type(exc).__name__, "text": text, "peers": list(peers), "cause": cause})
     try:
-        store.compare_set(f"failure/{adapter.rank}", "", f"{type(exc).__name__}:{text}")  # a rank's first failure explains it
+        store.compare_set(f"failure/{adapter.rank}", "", record)  # a rank's first failure explains it
     except Exception:  # the store is gone: report what this rank saw
-        return text, type(exc)
+        return text, type(exc), peers
     cls: type = type(exc)
-    cascade = "aborted its communicator" in text or "closed its communicator" in text
+    cascade = exc.cause in (Cause.PEER_LEFT, Cause.DISCONNECTED)
     notes: list[str] = []
-    seen, todo = {adapter.rank}, [text]
+    roots: list[int] = []
+    seen = {adapter.rank}
+    todo = [(p, cause) for p in peers]
     deadline = time.monotonic() + min(FAILURE_WAIT, adapter.ctx.timeout)
-    while todo and len(seen) <= adapter.size:
-        current = todo.pop(0)
-        if " died" in current and "alive" not in current:
+    while todo:
+        peer, why = todo.pop(0)
+        if peer in seen or not 0 <= peer < adapter.size:
             continue
-        for m in _RANK.finditer(current):
-            peer = int(m.group(1))
-            if peer in seen or peer >= adapter.size:
-                continue
-            seen.add(peer)
-            try:
-                record = store_poll(store, f"failure/{peer}", max(deadline - time.monotonic(), 0.0))
-            except Exception:
-                return text + "".join(notes), cls
-            if record is None:
-                continue
-            kind, _, theirs = record.decode(errors="replace").partition(":")
-            notes.append(f"; rank {peer} was failing too: {theirs}")
-            todo.append(theirs)
-            if cascade and kind == FlagcxTimeout.__name__:
-                cls = FlagcxTimeout
-    return text + "".join(notes), cls
+        seen.add(peer)
+        if why == Cause.DIED.value:  # blamed as dead: it has nothing to say
+            roots.append(peer)
+            continue
+        try:
+            raw = store_poll(store, f"failure/{peer}", max(deadline - time.monotonic(), 0.0))
+        except Exception:
+            break
+        if raw is None:
+            roots.append(peer)
+            continue
+        theirs = json.loads(raw.decode(errors="replace"))
+        notes.append(f"; {rank_name(adapter, peer)} was failing too: {theirs['text']}")
+        todo.extend((p, theirs["cause"]) for p in theirs["peers"])
+        if cascade and theirs["cls"] == FlagcxTimeout.__name__:
+            cls = FlagcxTimeout
+    return text + "".join(notes), cls, tuple(roots) or peers
 
 
 def refuse_capture(adapter: HeteroAdapter, op: str) -> None:
@@ -120,7 +133,8 @@ def fail_fast(fn: F) -> F:
             raise
         except FlagcxError as exc:
             adapter.abort()
-            text, cls = with_peer_failures(adapter, exc, in_comm_ranks(adapter, exc.detail))
-            raise cls(text, op=exc.op, rank=exc.rank) from exc
+            peers = comm_peers(adapter, exc)
+            text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc, peers), peers)
+            raise cls(text, op=exc.op, rank=exc.rank, peers=blamed, cause=exc.cause, comm=adapter.ctx.label) from exc
 
     return cast(F, op)

@@ -47,7 +47,47 @@ def check_suite(rank: int, size: int) -> Iterable[Check]:
     yield "skipped_call", lambda: _mismatch(comm, lambda r: comm.barrier() if r == 0 else comm.all_reduce(torch.ones(2)), ["barrier", "all_reduce"])
     yield "all_to_all_splits", lambda: _split_mismatch(comm)
     yield "all_to_all_even_size", lambda: _split_mismatch(comm, even=True)
+    yield "p2p_recv_first_exchange", lambda: _p2p_exchange(comm)
+    yield "p2p_other_dtype", lambda: _p2p_mismatch(comm)
     yield "destroy", comm.destroy
+
+
+def _p2p_exchange(comm: Communicator) -> None:
+    """Ranks 0 and 1 post their receives before their sends (nothing in the check waits before a transport op)."""
+    if comm.rank > 1:
+        return
+    peer = 1 - comm.rank
+    got = torch.empty(5, dtype=torch.int64)
+    works = [comm.recv(got, peer, async_op=True), comm.send(torch.arange(5) + 10 * comm.rank, peer, async_op=True)]
+    for w in works:
+        w.wait()
+    assert_equal(got, torch.arange(5) + 10 * peer, "exchanged")
+
+
+def _p2p_mismatch(comm: Communicator) -> None:
+    """Rank 0 sends float32[8], rank 1 receives int32[8] (the same bytes, which no transport can tell apart).
+
+    Rank 1 raises at its recv; rank 0's next checked call carries the report, so every rank raises at the
+    following collective; the communicator is usable afterwards."""
+    rank = comm.rank
+    if rank == 0:
+        comm.send(torch.ones(8), 1)
+    elif rank == 1:
+        try:
+            comm.recv(torch.empty(8, dtype=torch.int32), 0)
+        except InvalidArgument as exc:
+            assert "float32[8]" in str(exc) and "int32[8]" in str(exc) and "rank 0" in str(exc), str(exc)
+        else:
+            raise AssertionError("a recv of another dtype than its send was not detected")
+    try:
+        comm.all_reduce(torch.ones(2))
+    except InvalidArgument as exc:
+        assert "did not match its recv" in str(exc) and "[0]" in str(exc), str(exc)
+    else:
+        raise AssertionError("the collective after a mismatched send did not fail on every rank")
+    y = torch.ones(3)
+    comm.all_reduce(y)
+    assert_equal(y, torch.full((3,), float(comm.size)), "all_reduce after a detected p2p mismatch")
 
 
 def _split_mismatch(comm: Communicator, even: bool = False) -> None:

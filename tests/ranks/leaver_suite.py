@@ -70,7 +70,7 @@ STUCK = 2.0
 
 def _late_rank(adapter: str) -> None:
     """Ranks 0 and 1 time out in an all_reduce that rank 2 enters after the timeout: rank 2 must fail it too."""
-    from flagcx import Communicator, FlagcxError, FlagcxTimeout
+    from flagcx import Cause, Communicator, FlagcxError, FlagcxTimeout
 
     from ..helpers.harness import flagcx_env
 
@@ -89,6 +89,7 @@ def _late_rank(adapter: str) -> None:
                 comm.all_reduce(x)
             except FlagcxError as exc:
                 assert "rank 0" in str(exc) or "rank 1" in str(exc), f"rank 2's error names neither rank 0 nor rank 1: {exc}"
+                assert exc.peers and set(exc.peers) <= {0, 1}, f"rank 2's error blames {exc.peers}: {exc}"
             else:
                 raise AssertionError(f"rank 2 completed an all_reduce that ranks 0 and 1 had failed (result {x[0].item()})")
         else:
@@ -96,6 +97,7 @@ def _late_rank(adapter: str) -> None:
                 comm.all_reduce(x)
             except FlagcxTimeout as exc:
                 assert "rank 2" in str(exc), str(exc)
+                assert 2 in exc.peers and exc.cause is Cause.TIMEOUT, f"blames {exc.peers} ({exc.cause}): {exc}"
             else:
                 raise AssertionError("ranks 0 and 1 should time out")
     finally:
