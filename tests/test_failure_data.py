@@ -31,10 +31,10 @@ def test_the_chain_follows_data_not_words():
     exc = RemoteError("the other side went away", peers=[1], cause=Cause.PEER_LEFT, comm="job.inter")
     peers = comm_peers(adapter, exc)
     assert peers == (2,), "lane rank 1 of job.inter is rank 2 of job"
-    text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc, peers), peers)
+    text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc), peers)
     assert blamed == (3,), f"the chain should end at rank 3, got {blamed}"
     assert cls is FlagcxTimeout, "a peer's timeout is what this rank's cascade comes from"
-    assert "job (lane inter): the other side went away" in text and "[in job: rank 2 (global 12)]" in text
+    assert "job (inter): the other side went away [in job: rank 2 (global 12)]" in text
     assert "rank 2 (global 12) was failing too: no news from the far side" in text
     assert json.loads(store.get("failure/0"))["peers"] == [2]
 
@@ -44,5 +44,12 @@ def test_a_dead_peer_ends_the_chain_without_waiting():
     adapter = _hetero(store, 1)
     exc = FlagcxError("gone", peers=[0], cause=Cause.DIED, comm="job.A")
     peers = comm_peers(adapter, exc)
-    text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc, peers), peers)
+    text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc), peers)
     assert peers == (0,) and blamed == (0,) and cls is FlagcxError and "[in job: rank 0 (global 10)]" in text
+
+
+def test_blamed_ranks_named_in_the_text_are_renamed_others_are_not():
+    adapter = _hetero(dist.HashStore(), 0)
+    exc = FlagcxError("communicator job.inter: waiting for rank 1 (pid 7); rank 0 is fine", peers=[1], cause=Cause.TIMEOUT, comm="job.inter")
+    text = in_comm_text(adapter, exc)
+    assert text == "communicator job (inter): waiting for rank 2 (global 12) (pid 7); rank 0 is fine", text

@@ -8,7 +8,9 @@ computing garbage. The cost is one small all-gather on the host transport per ca
 Point-to-point (:class:`PairCheck`): a send publishes ``dtype[elements]`` of its tensor in
 the store under the pair and the pair's send count; the matching recv, once its data has
 arrived, compares it with its own tensor. A mismatch raises InvalidArgument on the
-receiver and is left in the store for the sender, whose next checked call raises it.
+receiver and is left in the store for the sender, whose next point-to-point call raises
+it; the receiver's next collective carries it in its fingerprint, so every rank raises
+there (the sender may reach that collective before the report is in the store).
 Nothing waits on the store before the transport op is posted, so pairs that post their
 receives before their sends do not deadlock. A recv from any source is not checked.
 """
@@ -71,16 +73,17 @@ class CallCheck:
         that every rank raises (a sender raising alone would leave the others in the call).
         """
         self._seq += 1
-        bad = self._pairs.reported()
+        bad = self._pairs.pending()
         text = f"#{self._seq} {op}({', '.join(fields)})" + (f" after a mismatched send: {bad}" if bad else "")
         mine = torch.frombuffer(bytearray(text.encode()[:FINGERPRINT].ljust(FINGERPRINT, b"\0")), dtype=torch.uint8)
         every = self._allgather(op, mine)
         calls = [bytes(every[r * FINGERPRINT : (r + 1) * FINGERPRINT].tolist()).rstrip(b"\0").decode(errors="replace") for r in range(self.size)]
         flagged = [r for r, c in enumerate(calls) if " after a mismatched send: " in c]
         if flagged:
+            self._pairs.reported()  # a sender's report of the mismatch is in the store by now: it was raised here
             raise InvalidArgument(
-                f"a send of rank(s) {flagged} did not match its recv, so every rank stops at this call"
-                + (f": {bad}" if bad else f" (rank {flagged[0]}: {calls[flagged[0]]})"),
+                f"a send and its recv did not match (found by rank(s) {flagged}), so every rank stops at this call: "
+                + (bad or calls[flagged[0]].partition(" after a mismatched send: ")[2]),
                 op=op,
                 rank=self.rank,
             )
@@ -121,6 +124,8 @@ class PairCheck:
         self._timeout = timeout
         self._sent: Counter[int] = Counter()
         self._received: Counter[int] = Counter()
+        self._found = ""
+        """A mismatch this rank found as a receiver, until its next collective reports it."""
 
     def _key(self, src: int, dst: int, k: int) -> str:
         return f"flagcx-check/p2p/{src}-{dst}/{k}"
@@ -133,6 +138,11 @@ class PairCheck:
         text = bytes(self._store.get(key)).decode(errors="replace")
         self._store.delete_key(key)
         return text
+
+    def pending(self) -> str:
+        """Mismatches to report at this rank's next collective: found as a receiver, or reported to it as a sender."""
+        found, self._found = self._found, ""
+        return "; ".join(t for t in (found, self.reported()) if t)
 
     def raise_reported(self, op: str) -> None:
         """Raise the mismatch a receiver found in one of this rank's sends, if any."""
@@ -165,6 +175,7 @@ class PairCheck:
             if sent != mine:
                 text = f"rank {peer}'s send #{k} to rank {self.rank} carried {sent}, but the recv expected {mine}; a send and its recv must agree in dtype and size"
                 self._store.set(f"flagcx-check/p2p/bad/{peer}", text.encode())
+                self._found = text
                 raise InvalidArgument(text, op=op, rank=self.rank)
 
         return compare

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -32,15 +33,20 @@ FAILURE_WAIT = 2.0
 """Seconds a failing rank waits for the record of a live peer it blames (see with_peer_failures)."""
 
 
-def comm_peers(adapter: HeteroAdapter, exc: FlagcxError) -> tuple[int, ...]:
-    """``exc.peers`` in this communicator's numbering (``exc.comm`` names the lane whose numbering they use)."""
+def _lane_map(adapter: HeteroAdapter, exc: FlagcxError) -> dict[int, int]:
+    """``exc.peers`` (in the numbering of the lane ``exc.comm``) -> their ranks in this communicator."""
     if exc.comm == adapter.ctx.label:
-        return exc.peers
+        return {p: p for p in exc.peers}
     for sub in adapter.lanes.sets():
         if sub.name == exc.comm:
             g = sub.global_ranks
-            return tuple(adapter.ctx.global_ranks.index(g[r]) for r in exc.peers if 0 <= r < len(g))
-    return ()
+            return {r: adapter.ctx.global_ranks.index(g[r]) for r in exc.peers if 0 <= r < len(g)}
+    return {}
+
+
+def comm_peers(adapter: HeteroAdapter, exc: FlagcxError) -> tuple[int, ...]:
+    """``exc.peers`` in this communicator's numbering (``exc.comm`` names the lane whose numbering they use)."""
+    return tuple(_lane_map(adapter, exc).values())
 
 
 def rank_name(adapter: HeteroAdapter, r: int) -> str:
@@ -49,14 +55,33 @@ def rank_name(adapter: HeteroAdapter, r: int) -> str:
     return f"rank {r}" if g == r else f"rank {r} (global {g})"
 
 
-def in_comm_text(adapter: HeteroAdapter, exc: FlagcxError, peers: tuple[int, ...]) -> str:
-    """The lane's message under this communicator's label, then the ranks of this communicator it blames."""
+_RANK_WORDS = re.compile(r"\brank (\d+)(?!\d)")
+
+
+def in_comm_text(adapter: HeteroAdapter, exc: FlagcxError) -> str:
+    """The lane's message in this communicator's terms: its label, and the blamed ranks (``exc.peers``) renamed.
+
+    Only the ranks the error blames are renamed, from its data; blamed ranks that its
+    text does not mention (a reworded message) are named at the end.
+    """
     label, lane = adapter.ctx.label, exc.comm or ""
-    text = exc.detail
-    if lane.startswith(label + ".") and lane != label:
-        text = f"{label} (lane {lane[len(label) + 1 :]}): {text}"
-    if peers:
-        text += f" [in {label}: {', '.join(rank_name(adapter, p) for p in peers)}]"
+    mapping = _lane_map(adapter, exc)
+    text, seen = exc.detail, set()
+
+    def rename(m: re.Match[str]) -> str:
+        r = int(m.group(1))
+        if r not in mapping:
+            return m.group(0)
+        seen.add(r)
+        return rank_name(adapter, mapping[r])
+
+    text = _RANK_WORDS.sub(rename, text) if lane != label else text
+    if lane.startswith(label + "."):
+        named = f"{label} ({lane[len(label) + 1 :]})"
+        text = text.replace(lane, named) if lane in text else f"{named}: {text}"
+    missing = [mapping[r] for r in mapping if r not in seen and lane != label]
+    if missing:
+        text += f" [in {label}: {', '.join(rank_name(adapter, p) for p in missing)}]"
     return text
 
 
@@ -134,7 +159,7 @@ def fail_fast(fn: F) -> F:
         except FlagcxError as exc:
             adapter.abort()
             peers = comm_peers(adapter, exc)
-            text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc, peers), peers)
+            text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc), peers)
             raise cls(text, op=exc.op, rank=exc.rank, peers=blamed, cause=exc.cause, comm=adapter.ctx.label) from exc
 
     return cast(F, op)
