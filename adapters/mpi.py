@@ -21,6 +21,14 @@ peers, so every later call raises CommAborted; a timed-out recv is cancelled and
 leaves it usable. MPI itself is not fault tolerant: under mpiexec a rank that dies
 ends the whole job (the launcher kills the other ranks).
 
+gather and scatter are point-to-point messages tagged with the communicator's count of
+collective calls (MPI's own Igather / Iscatter carry nothing flagcx can check, and MPICH
+matches them against any other collective): a rank that skipped a collective, because it
+raised before reaching the transport (torch's own checks of a gather list on the root, say),
+is then one count behind, so its next gather or scatter cannot match its peers' stale
+messages and times out instead of returning their data. Its other collectives still match
+its peers' as MPI orders them.
+
 Reductions: float32, float64, int8, uint8, int32 and int64 are reduced natively
 (integers wrap around); float16 and bfloat16 are staged through a float32 copy,
 accumulated in float32 and rounded once to the tensor's dtype when copied back.
@@ -58,6 +66,8 @@ _YIELD_FOR = 0.02
 _SLEEP_MIN, _SLEEP_MAX = 50e-6, 1e-3
 """Sleep between Test() calls once an op is late (doubling from MIN up to MAX)."""
 _HALF = (torch.float16, torch.bfloat16)
+_TAGS = 32767
+"""MPI_TAG_UB is at least this; tag 0 is send/recv's, collective tags cycle through 1.._TAGS - 1."""
 
 _MPI: Any = None
 
@@ -152,6 +162,18 @@ class MpiHandle(Handle):
             after()
 
 
+class _Requests:
+    """Several MPI requests waited on as one (the per-peer messages of a gather or scatter)."""
+
+    __slots__ = ("reqs",)
+
+    def __init__(self, reqs: list) -> None:
+        self.reqs = reqs
+
+    def Test(self, status: Any = None) -> bool:  # noqa: N802  (the mpi4py Request method it stands for)
+        return bool(_MPI.Request.Testall(self.reqs))
+
+
 def _poll(req: Any, status: Any, timeout: float, spin_for: float = _SPIN_FOR_SHARED) -> bool:
     """Test ``req`` until it completes (True) or ``timeout`` seconds pass (False).
 
@@ -223,6 +245,8 @@ class MpiAdapter(Adapter):
         self._spin_for = _SPIN_FOR if local_ranks <= (os.cpu_count() or 1) else _SPIN_FOR_SHARED
         self._orphans: list[tuple[Any, tuple]] = []
         self._broken: Optional[str] = None
+        self._calls = 0
+        """Collective calls posted so far (the tag of gather and scatter messages; see the module docstring)."""
         group = world.Get_group()
         members = group.Incl(world_ranks)
         try:
@@ -266,6 +290,8 @@ class MpiAdapter(Adapter):
         """Post ``start(*args)`` (a nonblocking MPI call); ``keep`` holds the tensors MPI uses until it completes."""
         if self._broken is not None:
             raise CommAborted(self._broken, op=op, rank=self.rank)
+        if op not in ("send", "recv"):
+            self._calls += 1
         try:
             req = start(*args)
         except _MPI.Exception as exc:
@@ -374,27 +400,33 @@ class MpiAdapter(Adapter):
             sbuf = self._msg(send)
         return self._post("reduce", start, (sbuf, self._msg(recv), mop, root), (send, recv))
 
+    def _tag(self) -> int:
+        """The tag of the collective about to be posted (``_post`` counts it)."""
+        return 1 + self._calls % (_TAGS - 1)
+
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
+        tag, comm = self._tag(), self._comm
         if self.rank != root:
-            return self._post("gather", self._comm.Igather, (self._msg(send), None, root), (send,))
+            return self._post("gather", lambda: _Requests([comm.Isend(self._msg(send), root, tag)]), (), (send,))
         assert recv is not None
-        if send.data_ptr() == recv.data_ptr() + root * send.numel():
-            sbuf = self._in_place
-        else:
-            send = _apart(send, recv)
-            sbuf = self._msg(send)
-        return self._post("gather", self._comm.Igather, (sbuf, self._msg(recv), root), (send, recv))
+        k = send.numel()
+        mine = recv[root * k : (root + 1) * k]
+        if send.data_ptr() != mine.data_ptr():
+            mine.copy_(send)
+        pieces = [recv[p * k : (p + 1) * k] for p in range(self.size) if p != root]
+        peers = [p for p in range(self.size) if p != root]
+        return self._post("gather", lambda: _Requests([comm.Irecv(self._msg(t), p, tag) for p, t in zip(peers, pieces)]), (), (send, recv))
 
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
+        tag, comm = self._tag(), self._comm
         if self.rank != root:
-            return self._post("scatter", self._comm.Iscatter, (None, self._msg(recv), root), (recv,))
+            return self._post("scatter", lambda: _Requests([comm.Irecv(self._msg(recv), root, tag)]), (), (recv,))
         assert send is not None
-        if recv.data_ptr() == send.data_ptr() + root * recv.numel():
-            rbuf = self._in_place
-        else:
-            send = _apart(send, recv)
-            rbuf = self._msg(recv)
-        return self._post("scatter", self._comm.Iscatter, (self._msg(send), rbuf, root), (send, recv))
+        k = recv.numel()
+        if recv.data_ptr() != send.data_ptr() + root * k * recv.element_size():
+            recv.copy_(send[root * k : (root + 1) * k])
+        pieces = [(p, send[p * k : (p + 1) * k]) for p in range(self.size) if p != root]
+        return self._post("scatter", lambda: _Requests([comm.Isend(self._msg(t), p, tag) for p, t in pieces]), (), (send, recv))
 
     def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
         send = _apart(send, recv)

@@ -22,7 +22,7 @@ from typing import Optional
 import pytest
 import torch
 
-from flagcx import CommAborted, Communicator, FlagcxError, FlagcxTimeout, ReduceOp
+from flagcx import CommAborted, Communicator, FlagcxError, FlagcxTimeout, InvalidArgument, ReduceOp
 
 from .helpers.harness import TEST_TIMEOUT, assert_passed
 from .helpers.matrix import Check, subgroup_ranks
@@ -82,7 +82,74 @@ def test_mpi_adapter_and_timeouts(tmp_path):
     assert_passed(outcomes, min_checks=8)
 
 
+def test_mpi_root_only_errors_give_no_wrong_data(tmp_path):
+    outcomes = run_mpi("tests.test_mpi:root_only_suite", 3, tmp_path / "out.json", timeout_s=str(SHORT_TIMEOUT), limit=300)
+    assert_passed(outcomes, min_checks=2)
+
+
 # ---------------------------------------------------------------------- suite run inside the ranks
+def root_only_suite(rank: int, size: int) -> Iterable[Check]:
+    """Suite: the root fails a gather or scatter before the transport while its peers are inside it (issue 26, item 1).
+
+    No rank may return wrong data afterwards: the following all_reduce of 1, 10, 100 gives 111
+    or an error, and the root's next gather cannot return its peers' stale messages.
+    """
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Barrier()
+    yield "gather the root skipped (torch raised on its list)", _skipped_gather
+    yield "scatter refused on the root (wrong input size)", _refused_scatter
+
+
+def _sum_or_error(comm: Communicator) -> Optional[str]:
+    """all_reduce of 10**rank: None when it gave the exact sum, the error's class when it raised; wrong data fails."""
+    y = torch.full((4,), float(10**comm.rank))
+    try:
+        comm.all_reduce(y)
+    except FlagcxError as exc:
+        return type(exc).__name__
+    want = float(sum(10**r for r in range(comm.size)))
+    assert torch.equal(y, torch.full((4,), want)), f"all_reduce returned {y.tolist()} instead of {want} or an error"
+    return None
+
+
+def _skipped_gather() -> None:
+    from mpi4py import MPI
+
+    comm = Communicator.from_env(name="skipped-gather")
+    x = torch.full((3,), float(comm.rank + 1))
+    if comm.rank != 0:
+        comm.gather(x, None, root=0)  # the root never calls it: torch raised on its missing gather_list
+    _sum_or_error(comm)
+    out = torch.full((3 * comm.size,), -1.0)
+    try:
+        comm.gather(x + 10, out if comm.rank == 0 else None, root=0)
+    except FlagcxTimeout:
+        assert comm.rank == 0, "only the root waits in a gather"
+    else:
+        assert comm.rank != 0, f"the root's gather returned {out.tolist()} (its peers' stale messages) instead of timing out"
+    MPI.COMM_WORLD.Barrier()
+    comm.abort()
+
+
+def _refused_scatter() -> None:
+    from mpi4py import MPI
+
+    comm = Communicator.from_env(name="refused-scatter")
+    out = torch.full((4,), -1.0)
+    try:
+        comm.scatter(out, torch.ones(4 * comm.size + 1) if comm.rank == 0 else None, root=0)
+    except InvalidArgument:
+        assert comm.rank == 0, "only the root's input is wrong"
+    except FlagcxTimeout:
+        assert comm.rank != 0, "the root raised before the transport"
+    else:
+        raise AssertionError(f"rank {comm.rank}: scatter returned {out.tolist()} though the root refused it")
+    assert _sum_or_error(comm) is not None, "after a refused scatter, the all_reduce must fail (the ranks are out of step)"
+    MPI.COMM_WORLD.Barrier()
+    comm.abort()
+
+
 def adapter_suite(rank: int, size: int) -> Iterable[Check]:
     """Suite: adapter-level layouts and staging on the world and a reordered subgroup, then timeouts."""
     from mpi4py import MPI

@@ -70,17 +70,10 @@ STUCK = 2.0
 
 def _late_rank(adapter: str) -> None:
     """Ranks 0 and 1 time out in an all_reduce that rank 2 enters after the timeout: rank 2 must fail it too."""
-    from flagcx import Cause, Communicator, FlagcxError, FlagcxTimeout
+    from flagcx import Cause, FlagcxError, FlagcxTimeout
 
-    from ..helpers.harness import flagcx_env
-
-    rank = dist.get_rank()
-    store = dist.PrefixStore(f"late-{adapter}/", dist.distributed_c10d._get_default_store())
-    env = {"FLAGCX_CPU_ADAPTER": adapter, "FLAGCX_TIMEOUT": str(STUCK)}
-    if adapter == "hetero":  # ranks 0 and 1 one shm cluster, rank 2 another
-        env.update(FLAGCX_CPU_ADAPTER="shm", FLAGCX_CLUSTER_ID="A" if rank < 2 else "B")
-    with flagcx_env(**env):
-        comm = Communicator(store, rank, 3, name=f"late-{adapter}")
+    comm = _three(adapter, "late")
+    rank = comm.rank
     x = torch.full((1000,), float(rank + 1))
     try:
         if rank == 2:
@@ -104,10 +97,78 @@ def _late_rank(adapter: str) -> None:
         comm.abort()
 
 
+def _three(adapter: str, name: str):
+    """A 3-rank Communicator over ``adapter`` (``hetero``: ranks 0 and 1 one shm cluster, rank 2 another) with FLAGCX_TIMEOUT=STUCK."""
+    from flagcx import Communicator
+
+    from ..helpers.harness import flagcx_env
+
+    rank = dist.get_rank()
+    env = {"FLAGCX_CPU_ADAPTER": adapter, "FLAGCX_TIMEOUT": str(STUCK)}
+    if adapter == "hetero":
+        env.update(FLAGCX_CPU_ADAPTER="shm", FLAGCX_CLUSTER_ID="A" if rank < 2 else "B")
+    with flagcx_env(**env):
+        return Communicator(dist.PrefixStore(f"{name}-{adapter}/", dist.distributed_c10d._get_default_store()), rank, 3, name=f"{name}-{adapter}")
+
+
+def _sum_or_error(comm) -> None:
+    """all_reduce of 10**rank gives the exact sum or raises: never other data."""
+    from flagcx import FlagcxError
+
+    y = torch.full((4,), float(10**comm.rank))
+    try:
+        comm.all_reduce(y)
+    except FlagcxError:
+        return
+    assert torch.equal(y, torch.full((4,), 111.0)), f"all_reduce returned {y.tolist()} instead of 111 or an error"
+
+
+def _skipped_gather(adapter: str) -> None:
+    """The root skips a gather its peers entered (torch raised on its missing gather_list): no rank returns wrong data after."""
+    from flagcx import FlagcxError
+
+    comm = _three(adapter, "skipped-gather")
+    x = torch.full((3,), float(comm.rank + 1))
+    try:
+        if comm.rank != 0:
+            comm.gather(x, None, root=0)
+        _sum_or_error(comm)
+        out = torch.full((9,), -1.0)
+        comm.gather(x + 10, out if comm.rank == 0 else None, root=0)
+        fresh = torch.cat([torch.full((3,), float(r + 11)) for r in range(3)])
+        assert comm.rank != 0 or torch.equal(out, fresh), f"the root's gather returned {out.tolist()}, not its peers' data of this call"
+    except FlagcxError:
+        pass
+    finally:
+        comm.abort()
+
+
+def _refused_scatter(adapter: str) -> None:
+    """The root refuses a scatter its peers entered (an input of the wrong size): its peers raise, and the next all_reduce is right or raises."""
+    from flagcx import FlagcxError, InvalidArgument
+
+    comm = _three(adapter, "refused-scatter")
+    out = torch.full((4,), -1.0)
+    try:
+        try:
+            comm.scatter(out, torch.ones(13) if comm.rank == 0 else None, root=0)
+        except FlagcxError as exc:  # the peers: a timeout, or (shm) the mismatch with the root's next call
+            assert comm.rank != 0 or isinstance(exc, InvalidArgument), f"the root should refuse its input: {exc}"
+        else:
+            raise AssertionError(f"rank {comm.rank}: scatter returned {out.tolist()} though the root refused it")
+        _sum_or_error(comm)
+    finally:
+        comm.abort()
+
+
 def late(rank: int, size: int) -> Iterable[Check]:
     torch.set_num_threads(1)
     dist.init_process_group("flagcx")
     for adapter in ("shm", "gloo", "hetero"):
         yield f"late rank, {adapter}", lambda a=adapter: _late_rank(a)
+        dist.barrier()
+        yield f"gather the root skipped, {adapter}", lambda a=adapter: _skipped_gather(a)
+        dist.barrier()
+        yield f"scatter the root refused, {adapter}", lambda a=adapter: _refused_scatter(a)
         dist.barrier()
     yield "destroy", dist.destroy_process_group
