@@ -254,14 +254,12 @@ static int broken_error(fxs_comm *c) {
 }
 
 /* Fail the current call with code and c->err, and break the communicator at `step`: the first
- * collective step this rank did not complete (FAILED_UNKNOWN when another thread broke it). */
+ * collective step this rank did not complete (FAILED_UNKNOWN when the progress thread broke it). */
 #define FAILED_UNKNOWN UINT64_MAX
 static int fail_at(fxs_comm *c, int code, uint64_t step) {
     mark_broken(c, code, c->err, c->err_ranks, c->err_nranks, step);
     return code;
 }
-
-static int fail(fxs_comm *c, int code) { return fail_at(c, code, c->seq + 1); }
 
 static uint64_t self_pidns(void) {
     struct stat st;

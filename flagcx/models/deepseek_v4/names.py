@@ -82,12 +82,6 @@ def expert_part(name: str) -> Optional[ExpertPart]:
     return ExpertPart(f"model.layers.{layer}.mlp.experts.{fused}", expert, k)
 
 
-def expert_source(layer_prefix: str, expert: int, k: int) -> str:
-    """The published name of expert ``expert``'s ``w{k}`` in the layer whose transformers prefix is ``model.layers.N.``."""
-    layer = layer_prefix.split(".")[2]
-    return f"layers.{layer}.ffn.experts.{expert}.w{k}.weight"
-
-
 def target_name(name: str) -> Optional[str]:
     """The transformers name of a published non-expert, non-scale tensor (None when no rule matches)."""
     for pattern, replacement in _COMPILED:
