@@ -413,9 +413,8 @@ class MpiAdapter(Adapter):
         mine = recv[root * k : (root + 1) * k]
         if send.data_ptr() != mine.data_ptr():
             mine.copy_(send)
-        pieces = [recv[p * k : (p + 1) * k] for p in range(self.size) if p != root]
-        peers = [p for p in range(self.size) if p != root]
-        return self._post("gather", lambda: _Requests([comm.Irecv(self._msg(t), p, tag) for p, t in zip(peers, pieces)]), (), (send, recv))
+        pieces = [(p, recv[p * k : (p + 1) * k]) for p in range(self.size) if p != root]
+        return self._post("gather", lambda: _Requests([comm.Irecv(self._msg(t), p, tag) for p, t in pieces]), (), (send, recv))
 
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
         tag, comm = self._tag(), self._comm

@@ -65,8 +65,10 @@ def in_comm_text(adapter: HeteroAdapter, exc: FlagcxError) -> str:
     text does not mention (a reworded message) are named at the end.
     """
     label, lane = adapter.ctx.label, exc.comm or ""
+    if lane == label:  # already in this communicator's numbering
+        return exc.detail
     mapping = _lane_map(adapter, exc)
-    text, seen = exc.detail, set()
+    seen: set[int] = set()
 
     def rename(m: re.Match[str]) -> str:
         r = int(m.group(1))
@@ -75,11 +77,11 @@ def in_comm_text(adapter: HeteroAdapter, exc: FlagcxError) -> str:
         seen.add(r)
         return rank_name(adapter, mapping[r])
 
-    text = _RANK_WORDS.sub(rename, text) if lane != label else text
+    text = _RANK_WORDS.sub(rename, exc.detail)
     if lane.startswith(label + "."):
         named = f"{label} ({lane[len(label) + 1 :]})"
         text = text.replace(lane, named) if lane in text else f"{named}: {text}"
-    missing = [mapping[r] for r in mapping if r not in seen and lane != label]
+    missing = [mapping[r] for r in mapping if r not in seen]
     if missing:
         text += f" [in {label}: {', '.join(rank_name(adapter, p) for p in missing)}]"
     return text

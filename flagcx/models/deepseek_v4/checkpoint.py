@@ -62,6 +62,8 @@ _DTYPES = {
 }
 if hasattr(torch, "float4_e2m1fn_x2"):
     _DTYPES["F4"] = torch.float4_e2m1fn_x2
+_SLICEABLE_FP4 = (torch.int8, torch.uint8)
+"""Packed FP4 storage that safetensors slices by rows (its F4 dtype it reads only whole)."""
 
 
 @dataclass
@@ -127,8 +129,8 @@ class Checkpoint:
             if dtype in formats.FP8_STORAGE:
                 raise invalid(OP, None, "path", f"FP8 weight {name!r} has no block scale {scale_of(name)!r}", "pass the complete checkpoint")
             return entry
-        sdt = _DTYPES[self._handles[self._file[scale]].get_slice(scale).get_dtype()]
-        sshape = tuple(self._handles[self._file[scale]].get_slice(scale).get_shape())
+        scale_slice = self._handles[self._file[scale]].get_slice(scale)
+        sdt, sshape = _DTYPES[scale_slice.get_dtype()], tuple(scale_slice.get_shape())
         if len(shape) != 2 or sdt not in formats.SCALE_STORAGE:
             raise invalid(
                 OP,
@@ -162,7 +164,8 @@ class Checkpoint:
                 if name.removesuffix(SCALE_SUFFIX) + ".weight" not in present:
                     orphans.append(name)
                 continue
-            scale = scale_of(name) if name.endswith(".weight") and scale_of(name) in present else None
+            scale: Optional[str] = scale_of(name) if name.endswith(".weight") else None
+            scale = scale if scale in present else None
             part = expert_part(name)
             if part is not None:
                 experts = self._entries.setdefault(part.target, _Experts())
@@ -278,10 +281,11 @@ class Checkpoint:
         """Stored bytes of ``name[index]``, counted in ``bytes_read``."""
         handle = self._handles[self._file[name]]
         sl = handle.get_slice(name)
-        if sl.get_dtype() == "F4":  # safetensors cannot slice F4 (its header holds the unpacked shape)
-            raw = handle.get_tensor(name)[index]
-        else:
-            raw = sl[index]
+        if sl.get_dtype() == "F4":  # safetensors cannot slice F4 (its header holds the unpacked shape): read it whole
+            whole = handle.get_tensor(name)
+            self.bytes_read[name] = self.bytes_read.get(name, 0) + whole.numel() * whole.element_size()
+            return whole[index]
+        raw = sl[index]
         self.bytes_read[name] = self.bytes_read.get(name, 0) + raw.numel() * raw.element_size()
         return raw
 
@@ -306,8 +310,9 @@ class Checkpoint:
                 out[lo - r0 : hi - r0] = values[lo - s0 : hi - s0, c0 - b0 : c1 - b0]
             return out
         b0, b1 = formats.block_window(c0, c1, formats.FP4_GROUP, entry.shape[1])
-        for s0 in range(r0, r1, CHUNK_ROWS):
-            s1 = min(s0 + CHUNK_ROWS, r1)
+        rows = CHUNK_ROWS if entry.dtype in _SLICEABLE_FP4 else r1 - r0  # an F4 tensor is read whole: once
+        for s0 in range(r0, r1, rows):
+            s1 = min(s0 + rows, r1)
             w = self._raw(entry.name, (slice(s0, s1), slice(b0 // 2, b1 // 2))).to(device)
             sc = self._raw(entry.scale, (slice(s0, s1), slice(b0 // formats.FP4_GROUP, -(-b1 // formats.FP4_GROUP)))).to(device)
             out[s0 - r0 : s1 - r0] = formats.dequant_fp4(w, sc, b0)[:, c0 - b0 : c1 - b0]
