@@ -8,7 +8,8 @@ the final synchronize): what an inference engine's Python thread pays per collec
 - ``torch``: ``torch.distributed`` on a ProcessGroupNCCL group (``--device cpu``: Gloo);
 - ``flagcx``: ``torch.distributed`` on a flagcx group (NCCL adapter; on the CPU, shm);
 - ``comm``: ``flagcx.Communicator`` directly;
-- ``flagcx-nowd`` / ``comm-nowd``: the same with FLAGCX_NCCL_WATCHDOG=0 (CUDA only).
+- ``flagcx-nowd`` / ``comm-nowd``: the same with FLAGCX_NCCL_WATCHDOG=0 (CUDA only);
+- ``flagcx-notrace`` / ``comm-notrace``: the same with the flight recorder off (FLAGCX_TRACE_BUFFER=0).
 
     python benchmarks/percall_bench.py --passes 3 --out benchmarks/results/NAME
     python benchmarks/percall_bench.py --device cpu --op reduce_scatter
@@ -30,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("torch", "flagcx", "comm", "flagcx-nowd", "comm-nowd")
+VARIANTS = ("torch", "flagcx", "comm", "flagcx-nowd", "comm-nowd", "flagcx-notrace", "comm-notrace")
 SIZES = (8, 512, 8 << 10, 64 << 10, 256 << 10)
 
 
@@ -118,6 +119,8 @@ def main() -> int:
             env = {**os.environ}
             if v.endswith("-nowd"):
                 env["FLAGCX_NCCL_WATCHDOG"] = "0"
+            if v.endswith("-notrace"):
+                env["FLAGCX_TRACE_BUFFER"] = "0"
             cmd = [sys.executable, __file__, "--child", v, "--op", ns.op, "--device", ns.device, "--calls", str(ns.calls), "--repeats", str(ns.repeats)]
             if ns.profile:
                 cmd += ["--profile", v]
@@ -138,13 +141,13 @@ def main() -> int:
     lines = [
         f"# Host time per eager {ns.op}, world size 1 ({where}, {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
         "",
-        f"median over {len(next(iter(runs.values())))} interleaved passes of each pass's median of {ns.repeats} loops of {ns.calls} calls (us)",
+        f"median over {len(next(iter(runs.values())))} interleaved passes of each pass's median of {ns.repeats} loops of {ns.calls} calls (us; min-max of the passes in brackets)",
         "",
         "| size (B) | " + " | ".join(variants) + " | " + " | ".join(f"{v}/torch" for v in variants if v != "torch" and "torch" in variants) + " |",
         "|---|" + "---|" * (len(variants) + sum(1 for v in variants if v != "torch" and "torch" in variants)),
     ]
     for s in SIZES:
-        cells = [f"{summary[v][s]:.1f}" for v in variants]
+        cells = [f"{summary[v][s]:.2f} ({min(r[s] for r in runs[v]):.2f}-{max(r[s] for r in runs[v]):.2f})" for v in variants]
         cells += [f"{summary[v][s] / summary['torch'][s]:.2f}" for v in variants if v != "torch" and "torch" in variants]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from .errors import (
     NotSupported,
     RemoteError,
 )
+from .flight import dump_trace
 from .frontends.process_group import ProcessGroupFlagcx, monitored_barrier, register
 from .types import PremulSum, ReduceOp
 from .work import Work
@@ -51,5 +52,6 @@ __all__ = [
     "Work",
     "__version__",
     "config",
+    "dump_trace",
     "monitored_barrier",
 ]

@@ -45,6 +45,9 @@ DEFAULT_SHM_P2P_BUFFER = 256 << 10
 SHM_P2P_BUDGET = 4 << 20
 """FLAGCX_SHM_P2P_BUFFER unset: ring bytes per rank over all its peers; rings shrink (to 16 KiB at least) for large groups."""
 
+DEFAULT_TRACE_BUFFER = 2000
+"""FLAGCX_TRACE_BUFFER unset: calls each communicator's flight recorder keeps (torch's recorder keeps 2000 too)."""
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -92,6 +95,10 @@ class Config:
     """FLAGCX_ADAPTER_PLUGIN: extra adapter classes as ``module:Class``, comma-separated, added to the ``flagcx.adapters`` entry points; loaded and validated on the first lookup of a non-builtin adapter name."""
     fast_allreduce: bool = False
     """FLAGCX_FAST_ALLREDUCE: 1 sends small CUDA SUM allreduces of ranks on one host through peer-mapped buffers (flagcx.adapters.ipc_allreduce); 0, the default until its crossovers are measured on two or more GPUs, keeps NCCL."""
+    trace_buffer: int = DEFAULT_TRACE_BUFFER
+    """FLAGCX_TRACE_BUFFER: calls kept per communicator by the flight recorder (flagcx.flight); 0 turns the recorder off."""
+    trace_stack: bool = False
+    """FLAGCX_TRACE_STACK: 1 keeps the caller's Python frames with each recorded call (costs a stack walk per call; switches the fast path off)."""
     nccl_watchdog: bool = True
     """FLAGCX_NCCL_WATCHDOG: 1 (default) runs the watchdog thread that aborts an NCCL communicator whose op outlives the timeout (one CUDA event per launch); 0 turns it off."""
 
@@ -145,6 +152,14 @@ def _parse_count(name: str, raw: str | None) -> int | None:
         return None
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(f"{name}={raw!r} is not a positive integer; write e.g. {name}=4")
+    return int(raw)
+
+
+def _parse_size(name: str, raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise ConfigError(f"{name}={raw!r} is not a whole number; write e.g. {name}={default} (0 turns it off)")
     return int(raw)
 
 
@@ -253,6 +268,8 @@ def _load() -> Config:
         device_adapters=_parse_device_adapters(_env("FLAGCX_DEVICE_ADAPTER")),
         adapter_plugins=_parse_plugins(_env("FLAGCX_ADAPTER_PLUGIN")),
         socket_ifname=_parse_ifname(_env("FLAGCX_SOCKET_IFNAME")),
+        trace_buffer=_parse_size("FLAGCX_TRACE_BUFFER", _env("FLAGCX_TRACE_BUFFER"), DEFAULT_TRACE_BUFFER),
+        trace_stack=_parse_choice("FLAGCX_TRACE_STACK", ("0", "1"), "0") == "1",
         nccl_watchdog=_parse_choice("FLAGCX_NCCL_WATCHDOG", ("0", "1"), "1") == "1",
         fast_allreduce=_parse_choice("FLAGCX_FAST_ALLREDUCE", ("0", "1"), "0") == "1",
     )

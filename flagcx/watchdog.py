@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Optional, Protocol
 
 from .errors import FlagcxError, FlagcxTimeout
+from .flight import on_timeout
 
 log = logging.getLogger("flagcx.watchdog")
 
@@ -116,6 +117,8 @@ class Watchdog:
             except Exception:  # the abort itself failed: the error is stored all the same
                 log.exception("%s: aborting after %s failed", adapter.watch_label, type(exc).__name__)
             log.error("%s", exc)
+            if isinstance(exc, FlagcxTimeout):
+                on_timeout(exc)
             failed.append((adapter, exc))
         return failed
 

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .errors import FlagcxError
+from .errors import FlagcxError, FlagcxTimeout
+from .flight import Recorder, on_timeout
 
 Step = Callable[[], object]
 """A follow-up step of an op (a copy-out, the AVG division...); its return value is ignored."""
@@ -23,7 +24,7 @@ Step = Callable[[], object]
 class Work:
     """Handle to one posted op (or a coalesced group of ops)."""
 
-    __slots__ = ("op", "_handles", "_steps", "_outputs", "_exc", "_done", "_lock")
+    __slots__ = ("op", "_handles", "_steps", "_outputs", "_exc", "_done", "_lock", "trace")
 
     def __init__(
         self,
@@ -40,6 +41,8 @@ class Work:
         self._exc = exc
         self._done = exc is None and not self._handles and not self._steps
         self._lock: Optional[threading.Lock] = None if self._done else threading.Lock()
+        self.trace: Optional[tuple[Recorder, int]] = None
+        """(recorder, index) of the op's flight-recorder entry, completed or failed by ``wait``."""
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Complete the op (or order the current stream after it); raises the op's error.
@@ -63,10 +66,21 @@ class Work:
                     step()
             except BaseException as exc:
                 self._exc = exc
+                if self.trace is not None:
+                    self.trace[0].fail(self.trace[1], exc)
+                    if isinstance(exc, FlagcxTimeout):
+                        on_timeout(exc)
                 raise
             self._done = True
             self._steps = []
+            if self.trace is not None:
+                self.trace[0].end(self.trace[1])
         return True
+
+    @property
+    def finished(self) -> bool:
+        """True once ``wait`` has run (or there was nothing to wait for); never waits, unlike ``is_completed``."""
+        return self._done
 
     def is_completed(self) -> bool:
         """True once the op finished (successfully or not); never blocks."""

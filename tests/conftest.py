@@ -6,6 +6,7 @@ pytest >= 9 has the fixture built in (the test extra asks for it); under an olde
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -23,3 +24,18 @@ def _checks_as_subtests(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         harness.SUBTESTS = None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _flight_dumps_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Flight-recorder dumps of every rank (on timeouts and aborts) go to the session's temporary folder, not /tmp."""
+    key = "TORCH_FR_DUMP_TEMP_FILE"
+    old = os.environ.get(key)
+    os.environ[key] = str(tmp_path_factory.mktemp("flight") / "rank_")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

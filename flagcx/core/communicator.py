@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from .. import config
+from .. import config, flight
 from ..adapters import Adapter
 from ..bootstrap import prepare_env, store_from_env
 from ..errors import CommAborted, InvalidArgument, NotSupported, invalid
@@ -44,6 +44,36 @@ from .sparse import all_reduce_sparse
 from .transports import open_transports
 
 _CPU = torch.device("cpu")
+
+_TRACE_ROLES = {
+    "all_reduce": (0, 1),
+    "reduce": (0, 1),
+    "gather": (0, 1),
+    "broadcast": (0, 0),
+    "send": (0, 0),
+    "recv": (0, 0),
+    "reduce_scatter": (1, 0),
+    "all_gather": (1, 0),
+    "scatter": (1, 0),
+    "all_to_all": (1, 0),
+}
+"""Op -> positions of its input and output among the tensors it hands to ``_call`` (the recorder's sizes)."""
+
+
+def _numel(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (list, tuple)):
+        return sum(t.numel() for t in value if isinstance(t, torch.Tensor))
+    return 0
+
+
+def _dtype(value: object) -> Optional[torch.dtype]:
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return value[0].dtype
+    return None
 
 
 def _seconds(timeout: Union[None, float, timedelta]) -> Optional[float]:
@@ -85,13 +115,18 @@ class Communicator:
         self._pairs = check.PairCheck(rank, store, self.timeout) if cfg.check else None
         self._check = check.CallCheck(rank, size, self._host_allgather, self._pairs) if self._pairs is not None else None
         self._monitored = monitored.MonitoredBarrier(store, rank, size)
-        self._fast = FastPath(size, enabled=self._check is None)
         self._records = _records if _records is not None else exchange_records(store, rank, size, self.timeout, f"init of {name}")
         self.topology, self.clusters, self._transports = open_transports(
             store, rank, size, self._records, name=name, timeout=self.timeout, global_ranks=self.global_ranks, device_adapters=_device_adapters
         )
         self._hetero = self._transports if isinstance(self._transports, HeteroAdapter) else None
         self._adapters = self._transports if isinstance(self._transports, AdapterSet) else None
+        self.recorder: Optional[flight.Recorder] = None
+        """This communicator's flight recorder (None with FLAGCX_TRACE_BUFFER=0); its ``name`` and ``desc`` label the group in dumps."""
+        if cfg.trace_buffer:
+            self.recorder = flight.Recorder(name, self.global_ranks, rank, cfg.trace_buffer, stack=cfg.trace_stack, store=store)
+            flight.watch(self.recorder)
+        self._fast = FastPath(size, enabled=self._check is None and not cfg.trace_stack, recorder=self.recorder)
 
     @classmethod
     def from_env(cls, *, timeout: Union[None, float, timedelta] = None, name: str = "flagcx") -> Communicator:
@@ -119,15 +154,24 @@ class Communicator:
             side = self._sides[kind] = SideStream(adapter.ctx.device)
         return side
 
-    def _call(self, op: str, contract_op: str, device: torch.device, async_op: bool, *tensors: object) -> Call:
-        """The Call of one op: open communicator, the adapter for ``device``, which must implement ``contract_op``."""
+    def _call(self, op: str, contract_op: str, device: torch.device, async_op: bool, *tensors: object, peer: Optional[int] = None) -> Call:
+        """The Call of one op: open communicator, the adapter for ``device``, which must implement ``contract_op``.
+
+        The flight recorder gets the op's entry here (``peer``: the other rank of a send or recv, -1 for any source).
+        """
         self._open(op)
         adapter = self._adapter(device, op)
         if contract_op not in adapter.capabilities.ops:
             raise NotSupported(
                 f"adapter {adapter.name} does not implement {contract_op}; choose another adapter for {device.type} tensors", op=op, rank=self.rank
             )
-        return Call(op, adapter, async_op, self._group, self._side, tensors)
+        rec, index = self.recorder, -1
+        if rec is not None:
+            roles = _TRACE_ROLES.get(op)
+            ins, outs = (tensors[roles[0]], tensors[roles[1]]) if roles else (None, None)
+            dtype = _dtype(ins) or _dtype(outs)
+            index = rec.begin(op, _numel(ins), _numel(outs), dtype, adapter.capabilities.stream_ordered, peer)
+        return Call(op, adapter, async_op, self._group, self._side, tensors, rec, index)
 
     def _open(self, op: str) -> None:
         if self._closed is not None:
@@ -145,7 +189,7 @@ class Communicator:
         self, tensor: torch.Tensor, op: ReduceOpLike = ReduceOp.SUM, *, out: Optional[torch.Tensor] = None, async_op: bool = False
     ) -> Optional[Work]:
         """Reduce ``tensor`` over all ranks; the result lands in ``out`` (default: in place)."""
-        if not async_op and self._fast.run("allreduce", tensor, tensor if out is None else out, op):
+        if not async_op and self._fast.run("all_reduce", tensor, tensor if out is None else out, op):
             return None
         name = "all_reduce"
         if self._check is not None:
@@ -172,7 +216,7 @@ class Communicator:
 
     def reduce_scatter(self, out: torch.Tensor, tensor: TensorOrList, op: ReduceOpLike = ReduceOp.SUM, *, async_op: bool = False) -> Optional[Work]:
         """Reduce over ranks and give rank r block r: ``tensor`` has size * out.numel() elements (or is a list of size blocks)."""
-        if not async_op and isinstance(tensor, torch.Tensor) and self._fast.run("reducescatter", tensor, out, op):
+        if not async_op and isinstance(tensor, torch.Tensor) and self._fast.run("reduce_scatter", tensor, out, op):
             return None
         name = "reduce_scatter"
         if self._check is not None:
@@ -220,7 +264,7 @@ class Communicator:
     # ------------------------------------------------------------------ data movement
     def all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         """Gather every rank's ``tensor`` into ``out`` (a tensor of size * numel elements, or a list of size tensors)."""
-        if not async_op and self._fast.run("allgather", tensor, out):
+        if not async_op and self._fast.run("all_gather", tensor, out):
             return None
         name = "all_gather"
         if self._check is not None:
@@ -383,7 +427,7 @@ class Communicator:
         self._args.peer(name, peer)
         if self._pairs is not None:
             self._pairs.send(name, tensor, peer)
-        with self._call(name, "send", tensor.device, async_op, tensor) as call:
+        with self._call(name, "send", tensor.device, async_op, tensor, peer=peer) as call:
             b = as_bytes(contig_in(tensor))
             return call.finish(lambda: call.adapter.send(b, peer), [], [tensor])
 
@@ -396,7 +440,7 @@ class Communicator:
         name = "recv"
         self._args.tensor(name, "tensor", tensor)
         self._args.writable(name, "tensor", tensor)
-        with self._call(name, "recv", tensor.device, async_op, tensor) as call:
+        with self._call(name, "recv", tensor.device, async_op, tensor, peer=-1 if peer is None else peer) as call:
             if peer is None:
                 if not call.adapter.capabilities.any_source:
                     raise NotSupported(f"adapter {call.adapter.name} cannot receive from any source; pass the sending rank", op=name, rank=self.rank)
@@ -442,7 +486,7 @@ class Communicator:
         self._group.depth -= 1
         if self._group.depth:
             return Work("group")
-        self._fast.enabled = self._check is None and self._closed is None
+        self._fast.enabled = self._check is None and self._closed is None and not (self.recorder is not None and self.recorder.stack)
         return self._group.end(self._side)
 
     @contextmanager
@@ -501,10 +545,13 @@ class Communicator:
         self._adapter(torch.device(device), "connect")
 
     def abort(self) -> None:
-        """Tear down without waiting for peers; every later call raises CommAborted. Never raises (failures are logged)."""
+        """Tear down without waiting for peers, after dumping the flight recorder; every later call raises CommAborted. Never raises (failures are logged)."""
         if self._closed is None:
             self._closed = "aborted"
             self._fast.enabled = False
+            if self.recorder is not None:
+                self.recorder.closed = True
+                flight.dump_on_abort(self.name)
             self._transports.abort()
 
     def destroy(self) -> None:
@@ -512,6 +559,8 @@ class Communicator:
         if self._closed is None:
             self._closed = "destroyed"
             self._fast.enabled = False
+            if self.recorder is not None:
+                self.recorder.closed = True
             self._transports.close()
 
     def __enter__(self) -> Communicator:

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from ..adapters import DONE, Adapter, Handle
-from ..errors import FlagcxError, InvalidArgument, NotSupported
+from ..errors import FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported
+from ..flight import Recorder, on_timeout
 from ..streams import SideStream, is_capturing
 from ..work import Step, Work, merge
 
@@ -65,9 +66,9 @@ class GroupState:
 
 
 class Call:
-    """One op in flight: its adapter, whether it is asynchronous, the side stream it runs on (or None)."""
+    """One op in flight: its adapter, whether it is asynchronous, the side stream it runs on (or None), its recorder entry."""
 
-    __slots__ = ("op", "adapter", "async_op", "group", "side", "_tensors")
+    __slots__ = ("op", "adapter", "async_op", "group", "side", "_tensors", "rec", "index")
 
     def __init__(
         self,
@@ -77,8 +78,12 @@ class Call:
         group: GroupState,
         side_of: Callable[[Adapter], SideStream],
         tensors: Sequence[object],
+        rec: Optional[Recorder] = None,
+        index: int = -1,
     ) -> None:
         self.op = op
+        self.rec = rec
+        self.index = index
         self.adapter = adapter
         self.async_op = async_op
         self.group = group if group.depth else None
@@ -93,7 +98,12 @@ class Call:
     def __enter__(self) -> Call:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: Optional[BaseException], tb: object) -> None:
+        if self.rec is not None:
+            if exc is not None:
+                self._failed(exc)
+            elif not (self.async_op or self.group is not None):
+                self.rec.end(self.index)
         side = self.side
         if side is None:
             return
@@ -106,7 +116,19 @@ class Call:
     def _record(self, work: Work) -> Work:
         if self.group is not None:
             self.group.works.append(work)
+        if self.rec is not None and work.exception() is None:
+            if work.finished:
+                self.rec.end(self.index)
+            else:
+                work.trace = (self.rec, self.index)
         return work
+
+    def _failed(self, exc: BaseException) -> None:
+        """The op raised ``exc``: its recorder entry keeps it; a timeout dumps this rank and asks the peers to."""
+        assert self.rec is not None
+        self.rec.fail(self.index, exc, started=not isinstance(exc, (InvalidArgument, NotSupported)))
+        if isinstance(exc, FlagcxTimeout):
+            on_timeout(exc)
 
     def done(self, outputs: Sequence[torch.Tensor]) -> Optional[Work]:
         """Finish a call with nothing to move (empty tensors)."""
@@ -120,6 +142,8 @@ class Call:
             raise
         except FlagcxError as exc:
             if self.async_op or self.group is not None:
+                if self.rec is not None:
+                    self._failed(exc)
                 return self._record(Work(self.op, outputs=outputs, exc=exc))
             raise
         stream = self.adapter.capabilities.stream_ordered
@@ -133,10 +157,10 @@ class Call:
                 step()
             if self.async_op:
                 assert self.side is not None
-                return Work(self.op, [self.side.record()], (), outputs)
+                return self._record(Work(self.op, [self.side.record()], (), outputs))
             return None
         if self.async_op:
-            return Work(self.op, [handle], steps, outputs)
+            return self._record(Work(self.op, [handle], steps, outputs))
         handle.wait()
         for step in steps:
             step()

@@ -125,12 +125,16 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
 
     def setGroupName(self, name: str) -> None:
         self._group_name = name
+        if self.comm.recorder is not None:  # dumps name the group as torch does
+            self.comm.recorder.name = name
 
     def getGroupDesc(self) -> str:
         return self._group_desc
 
     def setGroupDesc(self, desc: str) -> None:
         self._group_desc = desc
+        if self.comm.recorder is not None:
+            self.comm.recorder.desc = desc or "undefined"
 
     @property
     def group_name(self) -> str:

@@ -1,0 +1,147 @@
+"""Dumps asked for from outside the call that failed: by a peer that timed out (through the store) or by SIGUSR1.
+
+A rank whose call times out dumps its own recorder and adds 1 to the key
+:data:`REQUEST_KEY` in the store of each of its communicators, as ProcessGroupNCCL
+signals its peers through the store. Every process with a recorder runs one daemon
+thread (``flagcx-flight``) that reads that counter in each of its communicators' stores
+every :data:`POLL_SECONDS` and dumps when it grew: one timeout yields a dump from every
+live rank, including a rank stuck in its own code, which never calls flagcx again.
+
+SIGUSR1 dumps too (``kill -USR1 <pid>``), also while the main thread waits inside a
+transport: the handler is installed only where SIGUSR1 has none, and the signal reaches
+the thread through a wake-up pipe (``signal.set_wakeup_fd``), since Python runs signal
+handlers only when the main thread returns to the interpreter. Where the application owns
+the wake-up fd already, the handler dumps from the main thread instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import weakref
+from typing import Optional
+
+from .dump import dump_trace
+from .ring import Recorder, live_recorders
+
+log = logging.getLogger("flagcx.flight")
+
+REQUEST_KEY = "flagcx_flight_dump"
+"""Store key whose counter asks every member of the communicator to dump."""
+POLL_SECONDS = 1.0
+"""Seconds between two reads of the request counters."""
+
+_lock = threading.Lock()
+_thread: Optional[threading.Thread] = None
+_seen: weakref.WeakKeyDictionary[Recorder, int] = weakref.WeakKeyDictionary()
+_wakeup_read: Optional[int] = None
+
+
+def on_timeout(exc: BaseException) -> None:
+    """A call of this process timed out: dump this rank, then ask every peer of every communicator to dump."""
+    reason = f"timeout: {exc}"
+    try:
+        dump_trace(reason=reason)
+    except Exception:
+        log.exception("flight recorder: the dump after a timeout failed")
+    for rec in live_recorders():
+        store = rec.store
+        if store is None or rec.closed:
+            continue
+        try:
+            _seen[rec] = store.add(REQUEST_KEY, 1)
+        except Exception as err:  # the store is gone with its host rank: nobody left to ask there
+            log.info("flight recorder: cannot ask the peers of %s to dump (%s)", rec.name, err)
+
+
+def watch(rec: Recorder) -> None:
+    """Serve dump requests for ``rec``'s communicator: start the listener thread and the SIGUSR1 handler once."""
+    global _thread
+    _install_signal()
+    with _lock:
+        _seen.setdefault(rec, 0)
+        if _thread is None:
+            _thread = threading.Thread(target=_listen, name="flagcx-flight", daemon=True)
+            _thread.start()
+
+
+def _listen() -> None:
+    global _thread
+    while True:
+        with _lock:
+            open_ = [r for r in live_recorders() if not r.closed]
+            if not open_:
+                _thread = None
+                return
+        asked = [r.name for r in open_ if r.store is not None and _asked(r)]
+        signalled = _wait_for_signal(POLL_SECONDS)
+        if asked or signalled:
+            try:
+                dump_trace(reason="SIGUSR1" if signalled else f"asked by a peer of {', '.join(asked)}", level=logging.INFO if asked else logging.WARNING)
+            except Exception:
+                log.exception("flight recorder: the dump failed")
+
+
+def _asked(rec: Recorder) -> bool:
+    """Whether the request counter in ``rec``'s store grew since this process last looked."""
+    try:
+        count = rec.store.add(REQUEST_KEY, 0)
+    except Exception as err:  # the store closed (its host rank left): stop reading it
+        log.debug("flight recorder: stop reading %s's store (%s)", rec.name, err)
+        rec.store = None
+        return False
+    with _lock:
+        if count <= _seen.get(rec, 0):
+            return False
+        _seen[rec] = count
+    return True
+
+
+def _wait_for_signal(seconds: float) -> bool:
+    """Wait up to ``seconds`` on the wake-up pipe; True when SIGUSR1 arrived."""
+    if _wakeup_read is None:
+        threading.Event().wait(seconds)
+        return False
+    ready, _, _ = select.select([_wakeup_read], [], [], seconds)
+    if not ready:
+        return False
+    try:
+        data = os.read(_wakeup_read, 512)
+    except BlockingIOError:
+        return False
+    return signal.SIGUSR1 in data
+
+
+def _install_signal() -> None:
+    """SIGUSR1 -> dump, where nobody handles SIGUSR1 yet (main thread only; once per process)."""
+    global _wakeup_read
+    if _wakeup_read is not None or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if previous != -1:  # the application reads signals through its own fd: keep it, dump from the handler
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+        signal.signal(signal.SIGUSR1, _dump_in_handler)
+        return
+    _wakeup_read = read
+    signal.signal(signal.SIGUSR1, _ignore)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The listener thread dumps (it saw the signal on the wake-up pipe)."""
+
+
+def _dump_in_handler(signum: int, frame: object) -> None:
+    try:
+        dump_trace(reason="SIGUSR1")
+    except Exception:
+        log.exception("flight recorder: the dump on SIGUSR1 failed")
