@@ -550,8 +550,8 @@ class Communicator:
             self._closed = "aborted"
             self._fast.enabled = False
             if self.recorder is not None:
-                self.recorder.closed = True
                 flight.dump_on_abort(self.name)
+                flight.close(self.recorder)
             self._transports.abort()
 
     def destroy(self) -> None:
@@ -560,7 +560,7 @@ class Communicator:
             self._closed = "destroyed"
             self._fast.enabled = False
             if self.recorder is not None:
-                self.recorder.closed = True
+                flight.close(self.recorder)
             self._transports.close()
 
     def __enter__(self) -> Communicator:

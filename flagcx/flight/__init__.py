@@ -9,7 +9,19 @@ transport: the Communicator writes calls, the core and the watchdog report timeo
 from __future__ import annotations
 
 from .dump import DEFAULT_PREFIX, default_path, dump_on_abort, dump_trace, snapshot
-from .requests import on_timeout, watch
+from .requests import close, on_timeout, watch
 from .ring import Recorder, live_recorders, next_record_id
 
-__all__ = ["DEFAULT_PREFIX", "Recorder", "default_path", "dump_on_abort", "dump_trace", "live_recorders", "next_record_id", "on_timeout", "snapshot", "watch"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "Recorder",
+    "close",
+    "default_path",
+    "dump_on_abort",
+    "dump_trace",
+    "live_recorders",
+    "next_record_id",
+    "on_timeout",
+    "snapshot",
+    "watch",
+]

@@ -1,11 +1,13 @@
 """Dumps asked for from outside the call that failed: by a peer that timed out (through the store) or by SIGUSR1.
 
-A rank whose call times out dumps its own recorder and adds 1 to the key
-:data:`REQUEST_KEY` in the store of each of its communicators, as ProcessGroupNCCL
-signals its peers through the store. Every process with a recorder runs one daemon
-thread (``flagcx-flight``) that reads that counter in each of its communicators' stores
-every :data:`POLL_SECONDS` and dumps when it grew: one timeout yields a dump from every
-live rank, including a rank stuck in its own code, which never calls flagcx again.
+A rank whose call times out dumps its own recorder at once, and its ``flagcx-flight``
+thread adds 1 to the key :data:`REQUEST_KEY` in the store of each of its communicators,
+as ProcessGroupNCCL signals its peers through the store (in that thread, never in the
+failing call: a store cut off by the network would block the caller). The thread, one
+per process while a communicator with a recorder is open, reads those counters every
+:data:`POLL_SECONDS` and dumps when one grew: one timeout yields a dump from every live
+rank, including a rank stuck in its own code, which never calls flagcx again. Closing the
+last communicator wakes the thread, which ends.
 
 SIGUSR1 dumps too (``kill -USR1 <pid>``), also while the main thread waits inside a
 transport: the handler is installed only where SIGUSR1 has none, and the signal reaches
@@ -37,52 +39,85 @@ POLL_SECONDS = 1.0
 _lock = threading.Lock()
 _thread: Optional[threading.Thread] = None
 _seen: weakref.WeakKeyDictionary[Recorder, int] = weakref.WeakKeyDictionary()
+_to_ask: list[Recorder] = []
 _wakeup_read: Optional[int] = None
+_control: Optional[tuple[int, int]] = None
+"""(read, write) ends of the pipe that wakes the thread (a timeout to pass on, a communicator closed)."""
 
 
 def on_timeout(exc: BaseException) -> None:
-    """A call of this process timed out: dump this rank, then ask every peer of every communicator to dump."""
-    reason = f"timeout: {exc}"
+    """A call of this process timed out: dump this rank now; the thread asks every peer of every communicator to dump."""
     try:
-        dump_trace(reason=reason)
+        dump_trace(reason=f"timeout: {exc}")
     except Exception:
         log.exception("flight recorder: the dump after a timeout failed")
-    for rec in live_recorders():
-        store = rec.store
-        if store is None or rec.closed:
-            continue
-        try:
-            _seen[rec] = store.add(REQUEST_KEY, 1)
-        except Exception as err:  # the store is gone with its host rank: nobody left to ask there
-            log.info("flight recorder: cannot ask the peers of %s to dump (%s)", rec.name, err)
+    with _lock:
+        _to_ask.extend(r for r in live_recorders() if r.store is not None and not r.closed)
+    _wake()
 
 
 def watch(rec: Recorder) -> None:
-    """Serve dump requests for ``rec``'s communicator: start the listener thread and the SIGUSR1 handler once."""
-    global _thread
+    """Serve dump requests for ``rec``'s communicator: start the thread (and the SIGUSR1 handler, once per process)."""
+    global _thread, _control
     _install_signal()
     with _lock:
         _seen.setdefault(rec, 0)
+        if _control is None:
+            _control = os.pipe()
+            os.set_blocking(_control[0], False)
+            os.set_blocking(_control[1], False)
         if _thread is None:
             _thread = threading.Thread(target=_listen, name="flagcx-flight", daemon=True)
             _thread.start()
+
+
+def close(rec: Recorder) -> None:
+    """``rec``'s communicator is destroyed or aborted: stop reading its store; the thread ends with the last one."""
+    rec.closed = True
+    _wake()
+
+
+def _wake() -> None:
+    if _control is not None:
+        try:
+            os.write(_control[1], b"w")
+        except BlockingIOError:  # the pipe is full: the thread is awake anyway
+            pass
 
 
 def _listen() -> None:
     global _thread
     while True:
         with _lock:
+            asks, _to_ask[:] = list(_to_ask), []
+        _ask(asks)
+        with _lock:
             open_ = [r for r in live_recorders() if not r.closed]
-            if not open_:
+            if not open_ and not _to_ask:
                 _thread = None
                 return
         asked = [r.name for r in open_ if r.store is not None and _asked(r)]
-        signalled = _wait_for_signal(POLL_SECONDS)
+        signalled = _wait(POLL_SECONDS)
         if asked or signalled:
             try:
                 dump_trace(reason="SIGUSR1" if signalled else f"asked by a peer of {', '.join(asked)}", level=logging.INFO if asked else logging.WARNING)
             except Exception:
                 log.exception("flight recorder: the dump failed")
+
+
+def _ask(recorders: list[Recorder]) -> None:
+    """Add 1 to the request counter in each of ``recorders``' stores (once per recorder)."""
+    for rec in dict.fromkeys(recorders):
+        store = rec.store
+        if store is None:
+            continue
+        try:
+            count = store.add(REQUEST_KEY, 1)
+        except Exception as err:  # the store is gone with its host rank: nobody left to ask there
+            log.info("flight recorder: cannot ask the peers of %s to dump (%s)", rec.name, err)
+            continue
+        with _lock:
+            _seen[rec] = count
 
 
 def _asked(rec: Recorder) -> bool:
@@ -100,19 +135,19 @@ def _asked(rec: Recorder) -> bool:
     return True
 
 
-def _wait_for_signal(seconds: float) -> bool:
-    """Wait up to ``seconds`` on the wake-up pipe; True when SIGUSR1 arrived."""
-    if _wakeup_read is None:
-        threading.Event().wait(seconds)
-        return False
-    ready, _, _ = select.select([_wakeup_read], [], [], seconds)
-    if not ready:
-        return False
-    try:
-        data = os.read(_wakeup_read, 512)
-    except BlockingIOError:
-        return False
-    return signal.SIGUSR1 in data
+def _wait(seconds: float) -> bool:
+    """Wait up to ``seconds`` for a signal or a wake-up; True when SIGUSR1 arrived."""
+    assert _control is not None
+    fds = [_control[0]] + ([_wakeup_read] if _wakeup_read is not None else [])
+    ready, _, _ = select.select(fds, [], [], seconds)
+    signalled = False
+    for fd in ready:
+        try:
+            data = os.read(fd, 512)
+        except BlockingIOError:
+            continue
+        signalled = signalled or (fd == _wakeup_read and signal.SIGUSR1 in data)
+    return signalled
 
 
 def _install_signal() -> None:
