@@ -7,7 +7,9 @@ failing call: a store cut off by the network would block the caller). The thread
 per process while a communicator with a recorder is open, reads those counters every
 :data:`POLL_SECONDS` and dumps when one grew: one timeout yields a dump from every live
 rank, including a rank stuck in its own code, which never calls flagcx again. Closing the
-last communicator wakes the thread, which ends.
+last communicator wakes the thread, which ends; so does interpreter exit (an ``atexit``
+hook joins it first: a daemon thread still inside a store call when Python finalizes
+kills the process with "terminate called without an active exception").
 
 SIGUSR1 dumps too (``kill -USR1 <pid>``), also while the main thread waits inside a
 transport: the handler is installed only where SIGUSR1 has none, and the signal reaches
@@ -18,6 +20,7 @@ the wake-up fd already, the handler dumps from the main thread instead.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import select
@@ -43,6 +46,9 @@ _to_ask: list[Recorder] = []
 _wakeup_read: Optional[int] = None
 _control: Optional[tuple[int, int]] = None
 """(read, write) ends of the pipe that wakes the thread (a timeout to pass on, a communicator closed)."""
+_exiting = False
+EXIT_JOIN_SECONDS = 5.0
+"""At interpreter exit, how long the thread may take to pass on pending requests and end."""
 
 
 def on_timeout(exc: BaseException) -> None:
@@ -93,7 +99,7 @@ def _listen() -> None:
         _ask(asks)
         with _lock:
             open_ = [r for r in live_recorders() if not r.closed]
-            if not open_ and not _to_ask:
+            if _exiting or (not open_ and not _to_ask):
                 _thread = None
                 return
         asked = [r.name for r in open_ if r.store is not None and _asked(r)]
@@ -103,6 +109,17 @@ def _listen() -> None:
                 dump_trace(reason="SIGUSR1" if signalled else f"asked by a peer of {', '.join(asked)}", level=logging.INFO if asked else logging.WARNING)
             except Exception:
                 log.exception("flight recorder: the dump failed")
+
+
+@atexit.register
+def _end_at_exit() -> None:
+    """Let the thread pass on pending requests, then end it, before Python finalizes (see the module docstring)."""
+    global _exiting
+    _exiting = True
+    thread = _thread
+    if thread is not None:
+        _wake()
+        thread.join(EXIT_JOIN_SECONDS)
 
 
 def _ask(recorders: list[Recorder]) -> None:
