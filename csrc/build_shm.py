@@ -13,7 +13,7 @@ from cffi import FFI
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-_SOURCES = ["flagcx_shm.c", "flagcx_reduce.c"]
+_SOURCES = ["shm_segment.c", "shm_collectives.c", "shm_p2p.c", "shm_helpers.c", "flagcx_reduce.c"]
 
 
 def _cdef() -> str:
@@ -36,7 +36,7 @@ ffibuilder.set_source(
     sources=[_rel(os.path.join(_HERE, s)) for s in _SOURCES],
     include_dirs=[_rel(_HERE)],
     # this script too: it is what the sdist needs to rebuild (and it holds the cdef)
-    depends=[_rel(os.path.join(_HERE, f)) for f in ("flagcx_shm.h", "flagcx_reduce.h", "build_shm.py")],
+    depends=[_rel(os.path.join(_HERE, f)) for f in ("flagcx_shm.h", "shm_internal.h", "flagcx_reduce.h", "build_shm.py")],
     extra_compile_args=["-O3", "-std=gnu11", "-fno-strict-aliasing", "-pthread"],
     extra_link_args=["-pthread"],
     libraries=["rt"],

@@ -30,6 +30,8 @@ _LEVELS = {
 # ---------------------------------------------------------------- defaults of the variables below
 DEFAULT_TIMEOUT = 600.0
 """FLAGCX_TIMEOUT unset and no timeout given to the communicator: seconds a blocking wait may last."""
+LANE_WAIT_FACTOR = 2
+"""A heterogeneous communicator waits for a staged chunk this many times its timeout (the chunk's own waits come first)."""
 DEFAULT_HETERO_CHUNK = 4 << 20
 """FLAGCX_HETERO_CHUNK unset and some cluster drives devices: bytes per staged chunk (no device cluster: unchunked)."""
 DEFAULT_HETERO_LANES = 4
@@ -94,7 +96,7 @@ class Config:
     adapter_plugins: tuple[str, ...] = ()
     """FLAGCX_ADAPTER_PLUGIN: extra adapter classes as ``module:Class``, comma-separated, added to the ``flagcx.adapters`` entry points; loaded and validated on the first lookup of a non-builtin adapter name."""
     fast_allreduce: bool = False
-    """FLAGCX_FAST_ALLREDUCE: 1 sends small CUDA SUM allreduces of ranks on one host through peer-mapped buffers (flagcx.adapters.ipc_allreduce); 0, the default until its crossovers are measured on two or more GPUs, keeps NCCL."""
+    """FLAGCX_FAST_ALLREDUCE: 1 sends small CUDA SUM allreduces of ranks on one host through peer-mapped buffers (flagcx.adapters.nccl.ipc_allreduce); 0, the default until its crossovers are measured on two or more GPUs, keeps NCCL."""
     trace_buffer: int = DEFAULT_TRACE_BUFFER
     """FLAGCX_TRACE_BUFFER: calls kept per communicator by the flight recorder (flagcx.flight); 0 turns the recorder off."""
     trace_stack: bool = False
@@ -276,6 +278,11 @@ def _load() -> Config:
 
 
 _config: Config | None = None
+
+
+def resolve_timeout(given: float | None) -> float:
+    """A communicator's timeout: FLAGCX_TIMEOUT, else ``given`` (seconds, > 0), else DEFAULT_TIMEOUT."""
+    return get().timeout or (given if given and given > 0 else None) or DEFAULT_TIMEOUT
 
 
 def get() -> Config:

@@ -1,4 +1,4 @@
-"""The peer-mapped small-message CUDA allreduce (flagcx.adapters.ipc_allreduce): 2 and 4 processes on one GPU.
+"""The peer-mapped small-message CUDA allreduce (flagcx.adapters.nccl.ipc_allreduce): 2 and 4 processes on one GPU.
 
 Marked gpu; skipped without CUDA or Triton. Checks every dtype the path takes, one-shot
 and two-shot, sizes from 4 B to its 4 MiB limit (odd ones included), in place and out of

@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from flagcx import FlagcxError, FlagcxTimeout, config
-from flagcx.adapters import AdapterContext, adapter_class, nccl_lib
+from flagcx.adapters import AdapterContext, adapter_class
 from flagcx.adapters.nccl import NcclAdapter
-from flagcx.adapters.nccl_lib import BUILTIN_CLONES, Clone, LibraryError, NcclLib
+from flagcx.adapters.nccl import lib as nccl_lib
+from flagcx.adapters.nccl.lib import BUILTIN_CLONES, Clone, LibraryError, NcclLib
 
 WHEEL = nccl_lib.wheel_library()
 needs_wheel = pytest.mark.skipif(WHEEL is None, reason="the NCCL wheel is not installed: pip install nvidia-nccl-cu13")
@@ -102,7 +103,7 @@ def test_discovery_picks_the_wheel_and_logs_it():
     run = _subprocess(
         """
         import json
-        from flagcx.adapters import nccl_lib
+        from flagcx.adapters.nccl import lib as nccl_lib
         lib = nccl_lib.load()
         print(json.dumps([lib.path, lib.source, lib.prefix, lib.version_string, nccl_lib.load() is lib]))
         """,
@@ -129,7 +130,7 @@ def test_bogus_explicit_library_is_a_clear_error(env, tmp_path):
     run = _subprocess(
         """
         from flagcx import FlagcxError
-        from flagcx.adapters import nccl_lib
+        from flagcx.adapters.nccl import lib as nccl_lib
         try:
             nccl_lib.load()
         except FlagcxError as exc:
@@ -167,7 +168,7 @@ def test_no_library_anywhere_lists_what_was_tried():
     run = _subprocess(
         """
         from flagcx import FlagcxError
-        from flagcx.adapters import nccl_lib
+        from flagcx.adapters.nccl import lib as nccl_lib
         nccl_lib.wheel_library = lambda: None  # as if the wheel were not installed
         try:
             print("LOADED", nccl_lib.load().path)
@@ -203,7 +204,7 @@ def test_nccl_through_its_clone_table_entry():
     run = _subprocess(
         """
         import json
-        from flagcx.adapters.nccl_lib import BUILTIN_CLONES, NcclLib
+        from flagcx.adapters.nccl.lib import BUILTIN_CLONES, NcclLib
         entry = BUILTIN_CLONES[0]
         lib = NcclLib(entry.library, entry.prefix, "system loader")
         print(json.dumps([lib.resolved_path, lib.version_string, len(lib.get_unique_id())]))

@@ -19,8 +19,8 @@ from torch.distributed.distributed_c10d import BackendConfig
 import flagcx
 from flagcx import Communicator, NotSupported, config
 from flagcx.adapters import adapter_class
+from flagcx.adapters.streams import device_module
 from flagcx.adapters.torch_pg import vendor_backend
-from flagcx.streams import device_module
 from flagcx.topology import detect
 
 from .helpers.harness import assert_passed, run_suite

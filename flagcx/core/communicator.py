@@ -4,7 +4,7 @@ It owns the ranks of one group. Each op reads as three steps: **check** its argu
 (:mod:`.args`, plus the cross-rank comparison of :mod:`.check` under FLAGCX_CHECK),
 **lower** the rich call forms (lists, uneven splits, non-contiguous tensors, AVG /
 PREMUL_SUM, bool and complex dtypes; :mod:`.lowering`) to the flat NCCL-like calls of
-the adapter contract, and **launch** through a :class:`~.launch.Call` that holds the
+the adapter contract, and **launch** through a :class:`~.call.Call` that holds the
 per-call adapter, stream and completion policy. The adapter comes from
 :mod:`.selection` (one :class:`~.selection.AdapterSet`), or is the heterogeneous runner
 (:mod:`flagcx.hetero`) when the ranks form several clusters.
@@ -27,17 +27,18 @@ import torch.distributed as dist
 
 from .. import config, flight
 from ..adapters import Adapter
+from ..adapters.streams import SideStream
 from ..bootstrap import prepare_env, store_from_env
 from ..errors import CommAborted, InvalidArgument, NotSupported, invalid
 from ..hetero import HeteroAdapter
-from ..streams import SideStream
 from ..tensors import as_bytes, nbytes, overlaps
+from ..topology.detect import PeerRecord
 from ..types import PremulSum, ReduceOp, ReduceOpLike, to_reduce_op
 from ..work import Step, Work
 from . import check, monitored
 from .args import Args, TensorOrList, contig_in, contig_inout, contig_out
+from .call import Call, GroupState
 from .fast import FastPath
-from .launch import Call, GroupState
 from .lowering import broadcast_blocks, concat_blocks, lower_reduction, native_as_called, reduce_buffers
 from .selection import AdapterSet, exchange_records
 from .sparse import all_reduce_sparse
@@ -95,7 +96,7 @@ class Communicator:
         timeout: Union[None, float, timedelta] = None,
         name: str = "flagcx",
         global_ranks: Optional[Sequence[int]] = None,
-        _records: Optional[list[dict]] = None,
+        _records: Optional[list[PeerRecord]] = None,
         _device_adapters: Optional[dict[str, Adapter]] = None,
     ) -> None:
         if size < 1 or not 0 <= rank < size:
@@ -104,7 +105,7 @@ class Communicator:
         self.rank = rank
         self.size = size
         self.name = name
-        self.timeout = cfg.timeout or _seconds(timeout) or config.DEFAULT_TIMEOUT
+        self.timeout = config.resolve_timeout(_seconds(timeout))
         self.global_ranks = list(global_ranks) if global_ranks else list(range(size))
         self._store = store
         self._seq = 0
@@ -132,7 +133,7 @@ class Communicator:
     def from_env(cls, *, timeout: Union[None, float, timedelta] = None, name: str = "flagcx") -> Communicator:
         """Build the world communicator of a job started by torchrun, mpiexec or flagcx.launch."""
         env = prepare_env()
-        secs = config.get().timeout or _seconds(timeout) or config.DEFAULT_TIMEOUT
+        secs = config.resolve_timeout(_seconds(timeout))
         store = dist.PrefixStore(f"{name}/", store_from_env(secs))
         return cls(store, env.rank, env.size, timeout=secs, name=name)
 

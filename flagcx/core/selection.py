@@ -31,11 +31,11 @@ import torch.distributed as dist
 
 from .. import config
 from ..adapters import Adapter, AdapterContext, adapter_class
+from ..adapters.streams import current_device_index
 from ..adapters.torch_pg import default_backend, vendor_backend
 from ..bootstrap import agree, require_same, store_allgather
 from ..errors import NotSupported, invalid
-from ..streams import current_device_index
-from ..topology.detect import local_record
+from ..topology.detect import PeerRecord, local_record
 
 log = logging.getLogger("flagcx.core")
 
@@ -48,16 +48,16 @@ DEVICE_ADAPTERS = {"cuda": "nccl"}
 _CPU = torch.device("cpu")
 
 
-def exchange_records(store: dist.Store, rank: int, size: int, timeout: float, what: str) -> list[dict]:
+def exchange_records(store: dist.Store, rank: int, size: int, timeout: float, what: str) -> list[PeerRecord]:
     """Every rank's topology record and requested CPU adapter, in rank order (one store exchange)."""
-    mine = {"topo": local_record().to_json(), "cpu_adapter": config.get().cpu_adapter}
-    raw = store_allgather(store, "records", rank, size, json.dumps(mine).encode(), timeout, what)
-    return [json.loads(r) for r in raw]
+    mine = PeerRecord(local_record(), config.get().cpu_adapter)
+    raw = store_allgather(store, "records", rank, size, json.dumps(mine.to_json()).encode(), timeout, what)
+    return [PeerRecord.from_json(json.loads(r)) for r in raw]
 
 
-def resolve_cpu(records: Sequence[dict], rank: int, override: Optional[str] = None) -> str:
+def resolve_cpu(records: Sequence[PeerRecord], rank: int, override: Optional[str] = None) -> str:
     """The CPU adapter name for ranks with ``records`` (``override``: a caller's choice instead of the records')."""
-    wanted = [override] * len(records) if override else [r["cpu_adapter"] for r in records]
+    wanted = [override] * len(records) if override else [r.cpu_adapter for r in records]
     choice = require_same(
         wanted,
         rank,
@@ -66,7 +66,7 @@ def resolve_cpu(records: Sequence[dict], rank: int, override: Optional[str] = No
     )
     if choice != "auto":
         return choice
-    if len({r["topo"]["host"] for r in records}) == 1:
+    if len({r.topo.host for r in records}) == 1:
         reason = adapter_class("shm").unavailable_reason(_CPU)
         if reason is None:
             return "shm"
@@ -113,7 +113,7 @@ class AdapterSet(Mapping[str, Adapter]):
         store: dist.Store,
         rank: int,
         size: int,
-        records: Sequence[dict],
+        records: Sequence[PeerRecord],
         *,
         name: str,
         timeout: float,
@@ -178,7 +178,7 @@ class AdapterSet(Mapping[str, Adapter]):
 
     def _create_device(self, device: torch.device, op: str) -> Adapter:
         kind = device.type
-        name = resolve_device(kind, self.records[self.rank]["topo"]["device_type"])
+        name = resolve_device(kind, self.records[self.rank].topo.device_type)
         if name is None:
             raise NotSupported(
                 f"no adapter for {kind} tensors (builtin: cpu, {', '.join(DEVICE_ADAPTERS)}); set FLAGCX_VENDOR_BACKEND={kind}:<c10d backend> "
@@ -207,7 +207,7 @@ class AdapterSet(Mapping[str, Adapter]):
         """Whether the adapter for ``kind`` splits without a new bootstrap (created or not yet)."""
         adapter = self._adapters.get(kind)
         if adapter is None:
-            name = resolve_device(kind, self.records[self.rank]["topo"]["device_type"])
+            name = resolve_device(kind, self.records[self.rank].topo.device_type)
             return name is not None and callable(getattr(adapter_class(name), "split", None))
         return callable(getattr(adapter, "split", None))
 

@@ -18,7 +18,7 @@ from ..adapters import Adapter, AdapterContext
 from ..errors import InvalidArgument
 from ..hetero import HeteroAdapter
 from ..topology.clusters import Cluster, form_clusters
-from ..topology.detect import RankRecord
+from ..topology.detect import PeerRecord, RankRecord
 from .selection import AdapterSet
 
 Transports = Union[HeteroAdapter, AdapterSet]
@@ -28,7 +28,7 @@ def open_transports(
     store: dist.Store,
     rank: int,
     size: int,
-    records: Sequence[dict],
+    records: Sequence[PeerRecord],
     *,
     name: str,
     timeout: float,
@@ -36,14 +36,14 @@ def open_transports(
     device_adapters: Optional[Mapping[str, Adapter]] = None,
 ) -> tuple[list[RankRecord], list[Cluster], Transports]:
     """(topology, clusters, transports) of the ranks with ``records``; every rank raises alike on a bad cluster layout."""
-    topology = [RankRecord.from_json(r["topo"]) for r in records]
+    topology = [r.topo for r in records]
     try:
         clusters = form_clusters(topology)
     except ValueError as exc:
         raise InvalidArgument(str(exc), op="init", rank=rank) from None
     if len(clusters) > 1:
         ctx = AdapterContext(dist.PrefixStore("hetero/", store), rank, size, timeout, torch.device("cpu"), name, list(global_ranks))
-        return topology, clusters, HeteroAdapter(ctx, records, clusters)
+        return topology, clusters, HeteroAdapter(ctx, records, clusters, AdapterSet)
     adapters = AdapterSet(
         dist.PrefixStore("adapters/", store), rank, size, records, name=name, timeout=timeout, global_ranks=global_ranks, device_adapters=device_adapters
     )

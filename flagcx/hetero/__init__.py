@@ -27,9 +27,10 @@ from typing import Optional
 import torch
 
 from .. import config
-from ..adapters import ALL_OPS, Adapter, AdapterContext, Capabilities, Handle
+from ..adapters import ALL_OPS, Adapter, AdapterContext, AdapterGroupFactory, Capabilities, Handle
 from ..bootstrap import require_same, store_allgather
 from ..topology.clusters import Cluster
+from ..topology.detect import PeerRecord
 from ..types import ReduceOp
 from . import allreduce, blocks, exchange, rooted
 from .failures import fail_fast
@@ -50,13 +51,22 @@ class HeteroAdapter(Adapter):
 
     name = "hetero"
 
-    def __init__(self, ctx: AdapterContext, records: Sequence[dict], clusters: Sequence[Cluster]) -> None:
+    def __init__(self, ctx: AdapterContext, records: Sequence[PeerRecord], clusters: Sequence[Cluster], make_group: AdapterGroupFactory) -> None:
         super().__init__(ctx)
         layout = Layout(clusters, ctx.rank, ctx.size)
         intra_cpu, chunk, nlanes, plan = self._agreed_settings(records, layout)
         # creation order (intra lanes, peer lanes, world) is the same on every rank: no member waits on a non-member
         self.lanes = Lanes(
-            ctx.store, records, layout, name=ctx.label, timeout=ctx.timeout, global_ranks=ctx.global_ranks, intra_cpu=intra_cpu, nlanes=nlanes, chunk=chunk
+            ctx.store,
+            records,
+            layout,
+            make_group,
+            name=ctx.label,
+            timeout=ctx.timeout,
+            global_ranks=ctx.global_ranks,
+            intra_cpu=intra_cpu,
+            nlanes=nlanes,
+            chunk=chunk,
         )
         self.rt = Runtime(layout, self.lanes, Staging(ctx.rank, ctx.timeout, ctx.label), PlanChooser(None if plan == "auto" else plan), ctx.label)
         caps = [Lanes.host(self.lanes.world, "init").capabilities]
@@ -92,11 +102,11 @@ class HeteroAdapter(Adapter):
         )
         return [json.loads(r) for r in raw]
 
-    def _agreed_settings(self, records: Sequence[dict], layout: Layout) -> tuple[str, int, int, str]:
+    def _agreed_settings(self, records: Sequence[PeerRecord], layout: Layout) -> tuple[str, int, int, str]:
         """What every rank must set alike (so all raise, none waits): (this cluster's CPU adapter, chunk, lanes, allreduce plan)."""
         for cluster in layout.clusters:
             require_same(
-                [records[r]["cpu_adapter"] for r in cluster.ranks],
+                [records[r].cpu_adapter for r in cluster.ranks],
                 self.rank,
                 f"FLAGCX_CPU_ADAPTER in cluster {cluster.label!r}",
                 "set one value per cluster",
@@ -111,7 +121,7 @@ class HeteroAdapter(Adapter):
         }
         raw = self._allgather_json(mine, "settings")
         agreed = [require_same([a[key] for a in raw], self.rank, key, "set the same value on every rank") for key in mine]
-        return records[layout.mine.ranks[0]]["cpu_adapter"], int(agreed[0]), int(agreed[1]), str(agreed[2])
+        return records[layout.mine.ranks[0]].cpu_adapter, int(agreed[0]), int(agreed[1]), str(agreed[2])
 
     def _agreed_capabilities(self, caps: list[Capabilities], layout: Layout) -> Capabilities:
         """The reduce dtypes / ops that every rank's transports support (every rank declares the same)."""

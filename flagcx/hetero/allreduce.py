@@ -63,7 +63,7 @@ def _flat(rt: Runtime, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> 
 
 def _hierarchical(rt: Runtime, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> None:
     """Chunk by chunk (chunk k on lane k % lanes): intra reduce to positions -> peer allreduce -> intra spread."""
-    L, lanes = rt.layout, rt.lanes
+    layout, lanes = rt.layout, rt.lanes
     name = "allreduce"
     bounds = lanes.chunks(send)
     if send.device.type != "cpu":
@@ -73,7 +73,7 @@ def _hierarchical(rt: Runtime, send: torch.Tensor, recv: torch.Tensor, op: Reduc
     def one(k: int, lane: int) -> None:
         a, b = bounds[k]
         reduce_to_positions(rt, send[a:b], recv[a:b], op, name, lane)
-        shard = L.my_shard(recv[a:b])
+        shard = layout.my_shard(recv[a:b])
         if shard is not None:
             lanes.host(lanes.peers[lane], name).allreduce(shard, shard, op).wait()
         spread_from_positions(rt, recv[a:b], name, lane)
@@ -89,7 +89,7 @@ def _device(rt: Runtime, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, b
     waits for that copy, all-reduces the shard over its peer lane and queues the copy
     back on the H2D stream; this thread then queues chunk k's intra spread behind it.
     """
-    L, lanes, st = rt.layout, rt.lanes, rt.staging
+    layout, lanes, st = rt.layout, rt.lanes, rt.staging
     name = "allreduce"
     module = torch.get_device_module(send.device.type)
     d2h, h2d = st.copy_streams(send.device)
@@ -102,7 +102,7 @@ def _device(rt: Runtime, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, b
         reduce_to_positions(rt, send[a:b], recv[a:b], op, name)
         if host is None:
             continue
-        sa, sb = shards(b - a, L.m)[L.li]
+        sa, sb = shards(b - a, layout.m)[layout.li]
         if sb > sa:
             owned[k] = (a + sa, a + sb)
             d2h.wait_stream(current)

@@ -19,88 +19,92 @@ from .runtime import Runtime
 
 
 def reducescatter(rt: Runtime, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
-    L, lanes, st = rt.layout, rt.lanes, rt.staging
+    layout, lanes, st = rt.layout, rt.lanes, rt.staging
     name = "reducescatter"
     rt.check_device(send, name)
     n = recv.numel()
-    size = L.size
-    if L.p_identity:
+    size = layout.size
+    if layout.p_identity:
         perm = send
     else:
-        perm = send.view(size, n).index_select(0, L.perm_index(send.device)).reshape(-1)
+        perm = send.view(size, n).index_select(0, layout.perm_index(send.device)).reshape(-1)
     # intra: position j < m gets the cluster's partial sums of peer group j's blocks
-    j = L.li
+    j = layout.li
     mine = None
-    if j < L.m:
-        mine = torch.empty(len(L.group_ranks[j]) * n, dtype=send.dtype, device=send.device)
+    if j < layout.m:
+        mine = torch.empty(len(layout.group_ranks[j]) * n, dtype=send.dtype, device=send.device)
     if lanes.intra is None:  # a one-rank cluster: m == 1 and peer group 0 holds every block
+        assert mine is not None
         mine.copy_(perm)
     else:
         adapter = lanes.intra_adapter(send, name)
-        lengths = [len(g) for g in L.group_ranks]
-        if L.mine.size == L.m and len(set(lengths)) == 1:
+        lengths = [len(g) for g in layout.group_ranks]
+        if layout.mine.size == layout.m and len(set(lengths)) == 1:
+            assert mine is not None  # every position of the cluster is below m
             adapter.reducescatter(perm, mine, op).wait()
         else:
-            spans = [(L.p_offset[g] * n, (L.p_offset[g] + lengths[g]) * n) for g in range(L.m)]
-            wait_all(grouped(adapter, lambda: [adapter.reduce(perm[a:b], mine if g == j else perm[a:b], op, g) for g, (a, b) in enumerate(spans)]))
+            spans = [(layout.p_offset[g] * n, (layout.p_offset[g] + lengths[g]) * n) for g in range(layout.m)]
+            into = [mine if g == j and mine is not None else perm[a:b] for g, (a, b) in enumerate(spans)]  # mine exists where g == j
+            wait_all(grouped(adapter, lambda: [adapter.reduce(perm[a:b], into[g], op, g) for g, (a, b) in enumerate(spans)]))
     # peer group j: cluster c's member gets the totals of the blocks of its cluster's ranks in group j
     out = None
     if mine is not None:
-        counts = L.group_counts[j]
+        counts = layout.group_counts[j]
         peer = lanes.host(lanes.peer, name)
         host = st.to_host(mine)
         if len(set(counts)) == 1:
-            out_h = torch.empty(counts[L.ci] * n, dtype=host.dtype, device=host.device, pin_memory=host.is_pinned())
+            out_h = torch.empty(counts[layout.ci] * n, dtype=host.dtype, device=host.device, pin_memory=host.is_pinned())
             peer.reducescatter(host, out_h, op).wait()
         else:
             handles = []
-            starts = [sum(counts[:c]) * n for c in range(L.k)]
-            for c in range(L.k):
+            starts = [sum(counts[:c]) * n for c in range(layout.k)]
+            for c in range(layout.k):
                 seg = host[starts[c] : starts[c] + counts[c] * n]
                 handles.append(peer.reduce(seg, seg, op, c))
             wait_all(handles)
-            out_h = host[starts[L.ci] : starts[L.ci] + counts[L.ci] * n]
+            out_h = host[starts[layout.ci] : starts[layout.ci] + counts[layout.ci] * n]
         out = out_h
     # intra: the representative hands each member at position >= m its block
     if out is not None:
         st.to_device(out[:n], recv)
-    if lanes.intra is not None and L.mine.size > L.m:
+    if lanes.intra is not None and layout.mine.size > layout.m:
         adapter = lanes.intra_adapter(send, name)
-        if j < L.m:
-            extra = list(range(j + L.m, L.mine.size, L.m))
+        if j < layout.m:
+            assert out is not None
+            extra = list(range(j + layout.m, layout.mine.size, layout.m))
             dev_out = out if send.device.type == "cpu" else out.to(send.device, non_blocking=True)
             sends = [(dev_out[(i + 1) * n : (i + 2) * n], pos) for i, pos in enumerate(extra)]
             wait_all(p2p(adapter, sends, []))
         else:
-            wait_all(p2p(adapter, [], [(recv, j % L.m)]))
+            wait_all(p2p(adapter, [], [(recv, j % layout.m)]))
     st.finish_device(recv)
     return DONE
 
 
 def allgather(rt: Runtime, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-    L, lanes, st = rt.layout, rt.lanes, rt.staging
+    layout, lanes, st = rt.layout, rt.lanes, rt.staging
     name = "allgather"
     rt.check_device(send, name)
     n = send.numel()
-    j = L.li
+    j = layout.li
     # intra: position j < m collects the blocks of its cluster's ranks in peer group j
     pack = send
-    if lanes.intra is not None and L.mine.size > L.m:
+    if lanes.intra is not None and layout.mine.size > layout.m:
         adapter = lanes.intra_adapter(send, name)
-        if j < L.m:
-            extra = list(range(j + L.m, L.mine.size, L.m))
+        if j < layout.m:
+            extra = list(range(j + layout.m, layout.mine.size, layout.m))
             pack = torch.empty((1 + len(extra)) * n, dtype=send.dtype, device=send.device)
             pack[:n].copy_(send)
             recvs = [(pack[(i + 1) * n : (i + 2) * n], pos) for i, pos in enumerate(extra)]
             wait_all(p2p(adapter, [], recvs))
         else:
-            wait_all(p2p(adapter, [(send, j % L.m)], []))
+            wait_all(p2p(adapter, [(send, j % layout.m)], []))
     # peer group j: every member gets every cluster's pack, cluster by cluster
-    size = L.size
-    gathered = recv if L.p_identity else torch.empty(size * n, dtype=send.dtype, device=send.device)
-    if j < L.m:
-        off, cnt = L.p_offset[j] * n, len(L.group_ranks[j]) * n
-        counts = L.group_counts[j]
+    size = layout.size
+    gathered = recv if layout.p_identity else torch.empty(size * n, dtype=send.dtype, device=send.device)
+    if j < layout.m:
+        off, cnt = layout.p_offset[j] * n, len(layout.group_ranks[j]) * n
+        counts = layout.group_counts[j]
         peer = lanes.host(lanes.peer, name)
         host_in = st.to_host(pack)
         dest = gathered[off : off + cnt]
@@ -108,24 +112,24 @@ def allgather(rt: Runtime, send: torch.Tensor, recv: torch.Tensor) -> Handle:
         if len(set(counts)) == 1:
             peer.allgather(host_in, host_out).wait()
         else:
-            starts = [sum(counts[:c]) * n for c in range(L.k)]
-            host_out[starts[L.ci] : starts[L.ci] + counts[L.ci] * n].copy_(host_in)
+            starts = [sum(counts[:c]) * n for c in range(layout.k)]
+            host_out[starts[layout.ci] : starts[layout.ci] + counts[layout.ci] * n].copy_(host_in)
             handles = []
-            for c in range(L.k):
+            for c in range(layout.k):
                 handles.append(peer.broadcast(host_out[starts[c] : starts[c] + counts[c] * n], c))
             wait_all(handles)
         st.to_device(host_out, dest)
     # intra: everyone gets every peer group's blocks
     if lanes.intra is not None:
         adapter = lanes.intra_adapter(send, name)
-        lengths = [len(g) for g in L.group_ranks]
-        if L.mine.size == L.m and len(set(lengths)) == 1:
-            off = L.p_offset[j] * n
+        lengths = [len(g) for g in layout.group_ranks]
+        if layout.mine.size == layout.m and len(set(lengths)) == 1:
+            off = layout.p_offset[j] * n
             adapter.allgather(gathered[off : off + lengths[j] * n], gathered).wait()
         else:
-            starts = [L.p_offset[g] * n for g in range(L.m)]
+            starts = [layout.p_offset[g] * n for g in range(layout.m)]
             wait_all(grouped(adapter, lambda: [adapter.broadcast(gathered[a : a + lengths[g] * n], g) for g, a in enumerate(starts)]))
-    if not L.p_identity:
-        recv.view(size, n).index_copy_(0, L.perm_index(send.device), gathered.view(size, n))
+    if not layout.p_identity:
+        recv.view(size, n).index_copy_(0, layout.perm_index(send.device), gathered.view(size, n))
     st.finish_device(recv)
     return DONE

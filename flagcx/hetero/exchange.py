@@ -18,8 +18,8 @@ from .runtime import Runtime
 
 
 def alltoall(rt: Runtime, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-    L = rt.layout
-    counts = [send.numel() // L.size] * L.size
+    layout = rt.layout
+    counts = [send.numel() // layout.size] * layout.size
     return _exchange(rt, "alltoall", send, counts, recv, counts)
 
 
@@ -28,23 +28,23 @@ def alltoallv(rt: Runtime, send: torch.Tensor, send_counts: list[int], recv: tor
 
 
 def _exchange(rt: Runtime, name: str, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
-    L, lanes, st = rt.layout, rt.lanes, rt.staging
+    layout, lanes, st = rt.layout, rt.lanes, rt.staging
     rt.check_device(send, name)
-    me = L.rank
-    soff = [sum(send_counts[:p]) for p in range(L.size)]
-    roff = [sum(recv_counts[:p]) for p in range(L.size)]
+    me = layout.rank
+    soff = [sum(send_counts[:p]) for p in range(layout.size)]
+    roff = [sum(recv_counts[:p]) for p in range(layout.size)]
     sblock = lambda t, p: t[soff[p] : soff[p] + send_counts[p]]  # noqa: E731
     rblock = lambda t, p: t[roff[p] : roff[p] + recv_counts[p]]  # noqa: E731
     if send.data_ptr() == recv.data_ptr() and send.numel():
         send = send.clone()
-    others = [r for r in range(L.size) if L.cluster_of[r] != L.ci]
+    others = [r for r in range(layout.size) if layout.cluster_of[r] != layout.ci]
     host_send = st.to_host(send)  # before the intra exchange is queued on the same stream
     host_recv = st.to_host(recv, with_data=False)
     handles: list[Handle] = []
     if lanes.intra is not None:
-        peers = [r for r in L.mine.ranks if r != me]
-        sends = [(sblock(send, p), L.pos_of[p]) for p in peers]
-        recvs = [(rblock(recv, p), L.pos_of[p]) for p in peers]
+        peers = [r for r in layout.mine.ranks if r != me]
+        sends = [(sblock(send, p), layout.pos_of[p]) for p in peers]
+        recvs = [(rblock(recv, p), layout.pos_of[p]) for p in peers]
         handles += p2p(lanes.intra_adapter(send, name), sends, recvs)
     rblock(recv, me).copy_(sblock(send, me))
     world = lanes.host(lanes.world, name)
@@ -60,21 +60,21 @@ def _exchange(rt: Runtime, name: str, send: torch.Tensor, send_counts: list[int]
 
 
 def send(rt: Runtime, tensor: torch.Tensor, peer: int) -> Handle:
-    L, lanes, st = rt.layout, rt.lanes, rt.staging
+    layout, lanes, st = rt.layout, rt.lanes, rt.staging
     rt.check_device(tensor, "send")
-    if L.cluster_of[peer] == L.ci:
-        handle = lanes.intra_adapter(tensor, "send").send(tensor, L.pos_of[peer])
+    if layout.cluster_of[peer] == layout.ci:
+        handle = lanes.intra_adapter(tensor, "send").send(tensor, layout.pos_of[peer])
         return then(handle, lambda: st.finish_device(tensor))
     return lanes.host(lanes.world, "send").send(st.to_host(tensor), peer)
 
 
 def recv(rt: Runtime, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
-    L, lanes, st = rt.layout, rt.lanes, rt.staging
+    layout, lanes, st = rt.layout, rt.lanes, rt.staging
     if peer is None:
         raise NotSupported("a heterogeneous communicator cannot receive from any source; pass the sending rank", op="recv", rank=rt.rank)
     rt.check_device(tensor, "recv")
-    if L.cluster_of[peer] == L.ci:
-        handle = lanes.intra_adapter(tensor, "recv").recv(tensor, L.pos_of[peer])
+    if layout.cluster_of[peer] == layout.ci:
+        handle = lanes.intra_adapter(tensor, "recv").recv(tensor, layout.pos_of[peer])
         return then(handle, lambda: st.finish_device(tensor))
     host = st.to_host(tensor, with_data=False)
     handle = lanes.host(lanes.world, "recv").recv(host, peer)

@@ -1,4 +1,4 @@
-"""The transports of a heterogeneous communicator: AdapterSets for its intra, peer and world lanes, and the lane threads.
+"""The transports of a heterogeneous communicator: AdapterGroups for its intra, peer and world lanes, and the lane threads.
 
 - ``intras[lane]``: the ranks of this rank's cluster, on the cluster's native adapters
   (its requested CPU adapter for host tensors, NCCL & co. for device tensors);
@@ -21,10 +21,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..adapters import Adapter, Handle, grouped
-from ..core.selection import AdapterSet
+from .. import config
+from ..adapters import Adapter, AdapterGroup, AdapterGroupFactory, Handle, grouped
 from ..errors import FlagcxTimeout
 from ..tensors import as_bytes
+from ..topology.detect import PeerRecord
 from .layout import Layout
 
 _CPU = torch.device("cpu")
@@ -33,13 +34,14 @@ Bounds = list[tuple[int, int]]
 
 
 class Lanes:
-    """The AdapterSets of one heterogeneous communicator, built by every rank in the same order (intra, peer, world)."""
+    """The AdapterGroups of one heterogeneous communicator, built by every rank in the same order (intra, peer, world)."""
 
     def __init__(
         self,
         store: dist.Store,
-        records: Sequence[dict],
+        records: Sequence[PeerRecord],
         layout: Layout,
+        make_group: AdapterGroupFactory,
         *,
         name: str,
         timeout: float,
@@ -53,9 +55,9 @@ class Lanes:
         self.nlanes = nlanes
         self.chunk = chunk
 
-        def over(ranks: Sequence[int], key: str, cpu_adapter: str) -> AdapterSet:
+        def over(ranks: Sequence[int], key: str, cpu_adapter: str) -> AdapterGroup:
             ranks = list(ranks)
-            return AdapterSet(
+            return make_group(
                 dist.PrefixStore(f"sub/{key}/", store),
                 ranks.index(layout.rank),
                 len(ranks),
@@ -67,7 +69,7 @@ class Lanes:
             )
 
         mine = layout.mine
-        self.intras: list[Optional[AdapterSet]] = [
+        self.intras: list[Optional[AdapterGroup]] = [
             over(mine.ranks, f"hetero/intra{layout.ci}.{lane}", intra_cpu) if mine.size > 1 else None for lane in range(nlanes)
         ]
         self.intra = self.intras[0]
@@ -84,12 +86,12 @@ class Lanes:
         return intra.adapter(t.device, op)
 
     @staticmethod
-    def host(lane: Optional[AdapterSet], op: str) -> Adapter:
+    def host(lane: Optional[AdapterGroup], op: str) -> Adapter:
         """The host adapter of ``lane``."""
         assert lane is not None
         return lane.adapter(_CPU, op)
 
-    def sets(self) -> list[AdapterSet]:
+    def sets(self) -> list[AdapterGroup]:
         return [s for s in (*self.intras, *self.peers, self.world) if s is not None]
 
     def chunks(self, t: torch.Tensor) -> Bounds:
@@ -135,8 +137,9 @@ class Lanes:
         """Wait for chunk k (every chunk when k is None) of :meth:`start`; re-raise its error."""
         done, errors = started
         for i in range(len(done)) if k is None else (k,):
-            if not done[i].wait(self.timeout * 2):
-                raise FlagcxTimeout(f"a transfer between clusters did not finish within {2 * self.timeout:g} s", rank=self.rank)
+            limit = config.LANE_WAIT_FACTOR * self.timeout
+            if not done[i].wait(limit):
+                raise FlagcxTimeout(f"a transfer between clusters did not finish within {limit:g} s", rank=self.rank)
             if errors[i] is not None:
                 raise errors[i]
 

@@ -52,31 +52,33 @@ class Runtime:
 
 def reduce_to_positions(rt: Runtime, send: torch.Tensor, work: torch.Tensor, op: ReduceOp, name: str, lane: int = 0) -> None:
     """Intra phase: position j < m ends with the cluster's reduction of shard j in ``work``."""
-    L = rt.layout
+    layout = rt.layout
     n = send.numel()
     if rt.lanes.intra is None:
         if work.data_ptr() != send.data_ptr():
             work.copy_(send)
         return
     adapter = rt.lanes.intra_adapter(send, name, lane)
-    if L.native_shards(n):
-        q = n // L.m
-        adapter.reducescatter(send, work[L.li * q : (L.li + 1) * q], op).wait()
+    if layout.native_shards(n):
+        q = n // layout.m
+        adapter.reducescatter(send, work[layout.li * q : (layout.li + 1) * q], op).wait()
         return
-    parts = shards(n, L.m)
-    wait_all(grouped(adapter, lambda: [adapter.reduce(send[a:b], work[a:b] if j == L.li else send[a:b], op, j) for j, (a, b) in enumerate(parts) if b > a]))
+    parts = shards(n, layout.m)
+    wait_all(
+        grouped(adapter, lambda: [adapter.reduce(send[a:b], work[a:b] if j == layout.li else send[a:b], op, j) for j, (a, b) in enumerate(parts) if b > a])
+    )
 
 
 def spread_from_positions(rt: Runtime, work: torch.Tensor, name: str, lane: int = 0) -> None:
     """Intra phase: every member gets every shard j from position j."""
-    L = rt.layout
+    layout = rt.layout
     if rt.lanes.intra is None:
         return
     n = work.numel()
     adapter = rt.lanes.intra_adapter(work, name, lane)
-    if L.native_shards(n):
-        q = n // L.m
-        adapter.allgather(as_bytes(work[L.li * q : (L.li + 1) * q]), as_bytes(work)).wait()
+    if layout.native_shards(n):
+        q = n // layout.m
+        adapter.allgather(as_bytes(work[layout.li * q : (layout.li + 1) * q]), as_bytes(work)).wait()
         return
-    parts = shards(n, L.m)
+    parts = shards(n, layout.m)
     wait_all(grouped(adapter, lambda: [adapter.broadcast(as_bytes(work[a:b]), j) for j, (a, b) in enumerate(parts) if b > a]))

@@ -323,21 +323,20 @@ def init_errors(rank: int, size: int) -> Iterable[Check]:
 
 def _mixed_device_types(rank: int) -> None:
     """Records saying one cluster holds cpu and cuda ranks: every rank rejects the communicator."""
-    import json
 
     from flagcx import InvalidArgument
     from flagcx.bootstrap import store_from_env
-    from flagcx.topology.detect import local_record
+    from flagcx.topology.detect import PeerRecord, local_record
 
     size = int(os.environ["WORLD_SIZE"])
     records = []
     for r in range(size):
         rec = local_record().to_json()
         rec.update(cluster="same", device_type="cuda" if r == 0 else "cpu")
-        records.append({"topo": rec, "cpu_adapter": "auto"})
+        records.append(PeerRecord.from_json({"topo": rec, "cpu_adapter": "auto"}))
     store = dist.PrefixStore("mixed/", store_from_env(30))
     try:
-        Communicator(store, rank, size, name="mixed", _records=json.loads(json.dumps(records)))
+        Communicator(store, rank, size, name="mixed", _records=records)
     except InvalidArgument as exc:
         assert "mixes device types" in str(exc) and "FLAGCX_CLUSTER_ID" in str(exc), str(exc)
         return

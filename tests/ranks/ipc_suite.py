@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from flagcx.adapters import AdapterContext
-from flagcx.adapters.ipc_allreduce import DTYPES, TWO_SHOT_MAX, open_ipc_allreduce
+from flagcx.adapters.nccl.ipc_allreduce import DTYPES, TWO_SHOT_MAX, open_ipc_allreduce
 from flagcx.bootstrap import store_from_env
 
 from ..helpers.matrix import Check

@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 
 from ..adapters import DONE, Adapter, Handle
+from ..adapters.streams import SideStream, is_capturing
 from ..errors import FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported
 from ..flight import Recorder, on_timeout
-from ..streams import SideStream, is_capturing
 from ..work import Step, Work, merge
 
 

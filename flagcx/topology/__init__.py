@@ -7,8 +7,8 @@ running job's torch process groups.
 
 from .clusters import Cluster, form_clusters
 from .detect import RankRecord, host_identity, load_topo_file, local_record
-from .plan import PlacementWarning, RankPlacement, TPPlan, plan_tp_groups
 from .tp_groups import TPGroups, init_tp_groups
+from .tp_plan import PlacementWarning, RankPlacement, TPPlan, plan_tp_groups
 
 __all__ = [
     "Cluster",

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import cffi
 
-from .. import config
-from ..errors import FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
+from ... import config
+from ...errors import FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
 
 log = logging.getLogger("flagcx.nccl")
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 
+from ..topology.detect import PeerRecord
 from ..types import ReduceOp
 
 ADAPTER_API_VERSION = 1
@@ -261,3 +262,34 @@ def grouped(adapter: Adapter, launch: Callable[[], list[Handle]]) -> list[Handle
         return launch()
     finally:
         adapter.group_end()
+
+
+class AdapterGroup(Protocol):
+    """The adapters of one group of ranks, by device type (the core's AdapterSet): what a composing adapter needs of it."""
+
+    name: str
+    global_ranks: list[int]
+
+    def adapter(self, device: torch.device, op: str) -> Adapter:
+        """The adapter for ``device``'s tensors, created on first use (every rank reaches the same op)."""
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AdapterGroupFactory(Protocol):
+    """Builds an AdapterGroup over some ranks; the core hands one to adapters that compose others (the heterogeneous runner)."""
+
+    def __call__(
+        self,
+        store: torch.distributed.Store,
+        rank: int,
+        size: int,
+        records: Sequence[PeerRecord],
+        *,
+        name: str,
+        timeout: float,
+        global_ranks: Sequence[int],
+        cpu_adapter: Optional[str] = None,
+    ) -> AdapterGroup: ...

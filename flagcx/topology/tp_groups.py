@@ -2,7 +2,7 @@
 
 :func:`init_tp_groups` learns every rank's host (``host_identity()``, exchanged with
 ``all_gather_object`` over the default group), plans the layout with
-:func:`flagcx.topology.plan.plan_tp_groups` and calls ``dist.new_group`` for every group
+:func:`flagcx.topology.tp_plan.plan_tp_groups` and calls ``dist.new_group`` for every group
 of every kind, on every rank, in the same order (torch requires it), keeping the ones
 this rank belongs to. torch.distributed is imported inside the function so that
 ``flagcx.topology`` stays importable as pure planning code.
@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 from ..errors import FlagcxError
 from .detect import host_identity
-from .plan import HostsSpec, RankPlacement, TPPlan, plan_tp_groups
+from .tp_plan import HostsSpec, RankPlacement, TPPlan, plan_tp_groups
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,22 @@ class RankRecord:
         return self.links.get(other.pci_bus_id, "")
 
 
+@dataclass(frozen=True)
+class PeerRecord:
+    """What one rank tells the others when a communicator is created: its topology and the CPU transport it asks for."""
+
+    topo: RankRecord
+    cpu_adapter: str
+    """FLAGCX_CPU_ADAPTER of that rank (``auto``, ``shm``, ``torch_pg:gloo``...); every rank must ask for the same."""
+
+    def to_json(self) -> dict:
+        return {"topo": self.topo.to_json(), "cpu_adapter": self.cpu_adapter}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PeerRecord:
+        return cls(RankRecord.from_json(data["topo"]), str(data["cpu_adapter"]))
+
+
 # ---------------------------------------------------------------- the topology file
 _OVERRIDABLE = {
     "host": str,

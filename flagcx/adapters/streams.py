@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from .adapters.base import Handle
-from .errors import NotSupported
+from ..errors import NotSupported
+from .base import Handle
 
 
 def device_module(device: torch.device) -> Any:

@@ -32,10 +32,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..bootstrap import store_allgather
-from ..errors import FlagcxError
-from ..types import ReduceOp
-from .base import AdapterContext
+from ...bootstrap import store_allgather
+from ...errors import FlagcxError
+from ...types import ReduceOp
+from ..base import AdapterContext
 
 log = logging.getLogger("flagcx.ipc")
 

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -272,70 +273,41 @@ class ShmAdapter(Adapter):
             raise self._error(rc, "allreduce")
         return DONE
 
-    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
-        c = self._comm("reduce")
-        rc = _lib.fxs_reduce(c, send.data_ptr(), recv.data_ptr(), send.numel(), _DTYPES[send.dtype], _OPS[op], root)
+    def _call(self, op: str, fn: Callable[..., int], *args: object) -> Handle:
+        """Run C collective ``fn(comm, *args)`` (it completes before returning); raise its error as a FlagcxError."""
+        rc = fn(self._comm(op), *args)
         if rc:
-            raise self._error(rc, "reduce")
+            raise self._error(rc, op)
         return DONE
+
+    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
+        return self._call("reduce", _lib.fxs_reduce, send.data_ptr(), recv.data_ptr(), send.numel(), _DTYPES[send.dtype], _OPS[op], root)
 
     def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
-        c = self._comm("reducescatter")
-        rc = _lib.fxs_reducescatter(c, send.data_ptr(), recv.data_ptr(), recv.numel(), _DTYPES[send.dtype], _OPS[op])
-        if rc:
-            raise self._error(rc, "reducescatter")
-        return DONE
+        return self._call("reducescatter", _lib.fxs_reducescatter, send.data_ptr(), recv.data_ptr(), recv.numel(), _DTYPES[send.dtype], _OPS[op])
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        c = self._comm("allgather")
-        rc = _lib.fxs_allgather(c, send.data_ptr(), recv.data_ptr(), send.numel())
-        if rc:
-            raise self._error(rc, "allgather")
-        return DONE
+        return self._call("allgather", _lib.fxs_allgather, send.data_ptr(), recv.data_ptr(), send.numel())
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
-        c = self._comm("broadcast")
-        rc = _lib.fxs_broadcast(c, tensor.data_ptr(), tensor.numel(), root)
-        if rc:
-            raise self._error(rc, "broadcast")
-        return DONE
+        return self._call("broadcast", _lib.fxs_broadcast, tensor.data_ptr(), tensor.numel(), root)
 
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
-        c = self._comm("gather")
-        rc = _lib.fxs_gather(c, send.data_ptr(), recv.data_ptr() if recv is not None else 0, send.numel(), root)
-        if rc:
-            raise self._error(rc, "gather")
-        return DONE
+        return self._call("gather", _lib.fxs_gather, send.data_ptr(), recv.data_ptr() if recv is not None else 0, send.numel(), root)
 
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
-        c = self._comm("scatter")
-        rc = _lib.fxs_scatter(c, send.data_ptr() if send is not None else 0, recv.data_ptr(), recv.numel(), root)
-        if rc:
-            raise self._error(rc, "scatter")
-        return DONE
+        return self._call("scatter", _lib.fxs_scatter, send.data_ptr() if send is not None else 0, recv.data_ptr(), recv.numel(), root)
 
     def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        c = self._comm("alltoall")
-        rc = _lib.fxs_alltoall(c, send.data_ptr(), recv.data_ptr(), send.numel() // self.size)
-        if rc:
-            raise self._error(rc, "alltoall")
-        return DONE
+        return self._call("alltoall", _lib.fxs_alltoall, send.data_ptr(), recv.data_ptr(), send.numel() // self.size)
 
     def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
-        c = self._comm("alltoallv")
-        sc = _ffi.new("uint64_t[]", [int(x) for x in send_counts])
-        rc_ = _ffi.new("uint64_t[]", [int(x) for x in recv_counts])
-        rc = _lib.fxs_alltoallv(c, send.data_ptr(), sc, recv.data_ptr(), rc_)
-        if rc:
-            raise self._error(rc, "alltoallv")
-        return DONE
+        sends = _ffi.new("uint64_t[]", [int(x) for x in send_counts])
+        recvs = _ffi.new("uint64_t[]", [int(x) for x in recv_counts])
+        return self._call("alltoallv", _lib.fxs_alltoallv, send.data_ptr(), sends, recv.data_ptr(), recvs)
 
     def barrier(self) -> Handle:
-        c = self._comm("barrier")
-        rc = _lib.fxs_barrier(c)
-        if rc:
-            raise self._error(rc, "barrier")
-        return DONE
+        return self._call("barrier", _lib.fxs_barrier)
 
     # ------------------------------------------------------------------ point to point
     def _post(self, is_recv: int, tensor: torch.Tensor, peer: Optional[int], what: str) -> ShmHandle:

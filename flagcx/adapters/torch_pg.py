@@ -37,10 +37,10 @@ import torch.distributed as dist
 
 from ..config import get as get_config
 from ..errors import FlagcxError, FlagcxTimeout, NotSupported
-from ..streams import device_module
 from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
 from .base import ALL_OPS, DONE, Adapter, AdapterContext, Capabilities, Handle
+from .streams import device_module
 
 _C10D_OPS = {
     ReduceOp.SUM: dist.ReduceOp.SUM,
@@ -237,7 +237,7 @@ class TorchPGAdapter(Adapter):
         ctx, name = self.ctx, self.backend
         timeout = timedelta(seconds=ctx.timeout)
         if name == "gloo":
-            return c10d.ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, timeout)
+            return make_gloo(ctx)
         if name in _BUILTIN_CLASSES:
             cls = getattr(c10d, _BUILTIN_CLASSES[name])
             opts = cls.Options()
@@ -458,6 +458,18 @@ class TorchPGAdapter(Adapter):
             self._pg.shutdown()
         except Exception:
             pass
+
+
+def make_gloo(ctx: AdapterContext, device: Any = None) -> Any:
+    """A ProcessGroupGloo over ``ctx`` (its options type differs from the other builtin backends'); ``device``: the interface to bind."""
+    timeout = timedelta(seconds=ctx.timeout)
+    if device is None:
+        return c10d.ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, timeout)
+    opts = c10d.ProcessGroupGloo._Options()
+    opts._devices = [device]
+    opts._timeout = timeout
+    opts._threads = 2
+    return c10d.ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, opts)
 
 
 @cache

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import FlagcxError
+from ...errors import FlagcxError
 
 
 class WatchedLaunches:

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import FlagcxError, NotSupported
-from .base import DONE, AdapterContext, Handle
+from ...errors import FlagcxError, NotSupported
+from ..base import DONE, AdapterContext, Handle
 
 
 class P2PBatch:

@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Optional
 
 import torch
-import torch._C._distributed_c10d as c10d
 import torch.distributed as dist
 from torch._C._distributed_c10d import ProcessGroupGloo
 
 from ..bootstrap import PeerReport, hostname_address, route_address, select_interface
 from ..config import get as get_config
 from ..errors import Cause, CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
-from ..tensors import overlaps
 from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
-from .base import Adapter, AdapterContext, Capabilities, Handle
+from .base import AdapterContext, Capabilities, Handle
+from .torch_pg import TorchPGAdapter, make_gloo
 
 log = logging.getLogger("flagcx.gloo")
 
@@ -132,10 +130,16 @@ class GlooHandle(Handle):
         return int(self._work._source_rank())
 
 
-class GlooAdapter(Adapter):
-    """Collectives over TCP through ProcessGroupGloo."""
+class GlooAdapter(TorchPGAdapter):
+    """Collectives over TCP through ProcessGroupGloo: the torch_pg adapter bound to "gloo", plus what Gloo needs.
+
+    Overrides only what differs: the interface it binds (:func:`gloo_device`), and what a
+    failure does (the adapter refuses every later call, drops its backend at once, and a
+    failed collective names its missing peers through a roll call in the store).
+    """
 
     name = "gloo"
+    backend = "gloo"
     capabilities = Capabilities(
         devices=frozenset({"cpu"}),
         reduce_dtypes=FLOAT_DTYPES | INT_DTYPES,
@@ -143,37 +147,37 @@ class GlooAdapter(Adapter):
         any_source=True,
     )
 
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        return None if dist.is_gloo_available() else "this torch build has no Gloo; use another CPU adapter (FLAGCX_CPU_ADAPTER=shm)"
+
     def __init__(self, ctx: AdapterContext) -> None:
-        super().__init__(ctx)
-        if not dist.is_gloo_available():
-            raise FlagcxError("this torch build has no Gloo; use another CPU adapter (FLAGCX_CPU_ADAPTER=shm)")
-        timeout = timedelta(seconds=ctx.timeout)
-        self._backend: Optional[ProcessGroupGloo] = None
         self._broken: Optional[str] = None
         self._peers = PeerReport(ctx.store, ctx.rank, ctx.size, ctx.timeout, ctx.peer_name)
+        super().__init__(ctx)
+
+    def _create(self) -> Any:
+        ctx = self.ctx
         try:
-            device = gloo_device(ctx)
-            if device is None:
-                self._backend = ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, timeout)
-            else:
-                opts = ProcessGroupGloo._Options()
-                opts._devices = [device]
-                opts._timeout = timeout
-                opts._threads = 2
-                self._backend = ProcessGroupGloo(ctx.store, ctx.rank, ctx.size, opts)
+            return make_gloo(ctx, gloo_device(ctx))
         except InvalidArgument:
             raise
         except Exception as exc:
             report = self._peers.explain()
             raise translate_error(exc, f"creating the Gloo transport of {ctx.label}", ctx.timeout, ctx.rank, report, self._peers.blamed, ctx.label) from exc
 
-    @property
-    def _pg(self) -> Any:
-        """The Gloo backend; CommAborted once an op failed or the adapter was closed."""
-        pg = self._backend
+    def _call(self, op: str, method: str, *args: Any) -> Any:
+        """Start an op on the backend; CommAborted once an op failed or the adapter was closed; failing to start (a peer gone) is the op's failure."""
+        pg = self._pg
         if pg is None or self._broken is not None:
             raise CommAborted(self._broken or f"the Gloo transport of {self.ctx.label} is closed; create a new communicator", rank=self.rank)
-        return pg
+        try:
+            return getattr(pg, method)(*args)
+        except Exception as exc:
+            raise self._failure(exc, f"{op} on {self.ctx.label}", self.ctx.timeout, not op.startswith(("send", "recv"))) from exc
+
+    def _post(self, op: str, work: Any) -> Handle:
+        return GlooHandle(work, f"{op} on {self.ctx.label}", self, not op.startswith(("send", "recv")))
 
     def _failure(self, exc: BaseException, what: str, limit: float, collective: bool) -> FlagcxError:
         """The FlagcxError for a failed op (naming the missing peers of a collective).
@@ -189,89 +193,8 @@ class GlooAdapter(Adapter):
         report = self._peers.explain("timed out" if _gloo_cause(exc) is Cause.TIMEOUT else "failed")
         return translate_error(exc, what, limit, self.rank, report, self._peers.blamed, self.ctx.label)
 
-    def _post(self, start: Callable[[ProcessGroupGloo], dist.Work], what: str, collective: bool = True) -> GlooHandle:
-        """Start an op (``start(pg)`` returns its Work); failing to start it (a peer already gone) is the op's failure."""
-        what = f"{what} on {self.ctx.label}"
-        pg = self._pg
-        try:
-            work = start(pg)
-        except Exception as exc:
-            raise self._failure(exc, what, self.ctx.timeout, collective) from exc
-        return GlooHandle(work, what, self, collective)
-
-    def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
-        if send.data_ptr() != recv.data_ptr():
-            recv.copy_(send)
-        opts = c10d.AllreduceOptions()
-        opts.reduceOp = _GLOO_OPS[op]
-        return self._post(lambda pg: pg.allreduce([recv], opts), "allreduce")
-
-    def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        if overlaps(send, recv):
-            send = send.clone()
-        return self._post(lambda pg: pg._allgather_base(recv, send, c10d.AllgatherOptions()), "allgather")
-
-    def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
-        if overlaps(send, recv):
-            send = send.clone()
-        opts = c10d.ReduceScatterOptions()
-        opts.reduceOp = _GLOO_OPS[op]
-        return self._post(lambda pg: pg._reduce_scatter_base(recv, send, opts), "reducescatter")
-
-    def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
-        opts = c10d.BroadcastOptions()
-        opts.rootRank = root
-        opts.rootTensor = 0
-        return self._post(lambda pg: pg.broadcast([tensor], opts), "broadcast")
-
-    def reduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp, root: int) -> Handle:
-        # Gloo reduces in place and may scribble on non-root buffers: work on a copy there.
-        work_buf = recv if self.rank == root else torch.empty_like(send)
-        if work_buf.data_ptr() != send.data_ptr():
-            work_buf.copy_(send)
-        opts = c10d.ReduceOptions()
-        opts.reduceOp = _GLOO_OPS[op]
-        opts.rootRank = root
-        opts.rootTensor = 0
-        return self._post(lambda pg: pg.reduce([work_buf], opts), "reduce")
-
-    def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
-        opts = c10d.GatherOptions()
-        opts.rootRank = root
-        outputs = [list(recv.chunk(self.size))] if recv is not None and self.rank == root else []
-        if recv is not None and self.rank == root and recv.numel() == 0:
-            outputs = [[recv.new_empty(0) for _ in range(self.size)]]
-        return self._post(lambda pg: pg.gather(outputs, [send], opts), "gather")
-
-    def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
-        opts = c10d.ScatterOptions()
-        opts.rootRank = root
-        inputs = [list(send.view(self.size, -1).unbind(0))] if send is not None and self.rank == root else []
-        return self._post(lambda pg: pg.scatter([recv], inputs, opts), "scatter")
-
-    def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        if overlaps(send, recv):
-            send = send.clone()
-        return self._post(lambda pg: pg.alltoall_base(recv, send, [], [], c10d.AllToAllOptions()), "alltoall")
-
-    def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
-        if overlaps(send, recv):
-            send = send.clone()
-        return self._post(lambda pg: pg.alltoall_base(recv, send, list(recv_counts), list(send_counts), c10d.AllToAllOptions()), "alltoallv")
-
-    def send(self, tensor: torch.Tensor, peer: int) -> Handle:
-        return self._post(lambda pg: pg.send([tensor], peer, 0), f"send to {self.ctx.peer_name(peer)}", collective=False)
-
-    def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
-        if peer is None:
-            return self._post(lambda pg: pg.recv_anysource([tensor], 0), "recv from any source", collective=False)
-        return self._post(lambda pg: pg.recv([tensor], peer, 0), f"recv from {self.ctx.peer_name(peer)}", collective=False)
-
-    def barrier(self) -> Handle:
-        return self._post(lambda pg: pg.barrier(c10d.BarrierOptions()), "barrier")
-
     def abort(self) -> None:
-        pg, self._backend = self._backend, None
+        pg, self._pg = self._pg, None
         if pg is not None:
             try:
                 pg.abort()
@@ -279,7 +202,7 @@ class GlooAdapter(Adapter):
                 pass
 
     def close(self) -> None:
-        pg, self._backend = self._backend, None
+        pg, self._pg = self._pg, None
         if pg is not None:
             try:
                 pg.shutdown()

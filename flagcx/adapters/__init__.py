@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import FlagcxError
-from .base import ADAPTER_API_VERSION, ALL_OPS, DONE, Adapter, AdapterContext, Capabilities, Handle, all_of, grouped, then
+from .base import ADAPTER_API_VERSION, ALL_OPS, DONE, Adapter, AdapterContext, AdapterGroup, AdapterGroupFactory, Capabilities, Handle, all_of, grouped, then
 from .names import BUILTIN, KEYWORDS
 
 
@@ -48,6 +48,8 @@ def adapter_class(name: str) -> type[Adapter]:
 
 
 __all__ = [
+    "AdapterGroup",
+    "AdapterGroupFactory",
     "ADAPTER_API_VERSION",
     "ALL_OPS",
     "BUILTIN",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 BUILTIN = {
     "gloo": "flagcx.adapters.gloo:GlooAdapter",
-    "nccl": "flagcx.adapters.nccl:NcclAdapter",
+    "nccl": "flagcx.adapters.nccl.adapter:NcclAdapter",
     "mpi": "flagcx.adapters.mpi:MpiAdapter",
     "shm": "flagcx.adapters.shm:ShmAdapter",
 }

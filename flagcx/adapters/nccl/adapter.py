@@ -1,4 +1,4 @@
-"""NCCL adapter: CUDA tensors through libnccl (or an NCCL-API clone) bound by :mod:`.nccl_lib`.
+"""NCCL adapter: CUDA tensors through libnccl (or an NCCL-API clone) bound by :mod:`.lib`.
 
 Stream contract: every op is enqueued on ``torch.cuda.current_stream(ctx.device)`` at
 call time and returns :data:`DONE`; the core picks the stream and keeps tensors alive.
@@ -33,16 +33,16 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .. import config, watchdog
-from ..bootstrap import PeerReport, store_allgather
-from ..errors import Cause, CommAborted, FlagcxError, FlagcxTimeout, NotSupported
-from ..tensors import overlaps
-from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
-from . import nccl_lib
-from .base import DONE, Adapter, AdapterContext, Capabilities, Handle
+from ... import config, watchdog
+from ...bootstrap import PeerReport, store_allgather
+from ...errors import Cause, CommAborted, FlagcxError, FlagcxTimeout, NotSupported
+from ...tensors import overlaps
+from ...types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
+from ..base import DONE, Adapter, AdapterContext, Capabilities, Handle
+from . import lib as nccl_lib
 from .ipc_allreduce import IpcAllreduce, open_ipc_allreduce
-from .nccl_p2p import P2PBatch, QueuedP2P
-from .nccl_watch import WatchedLaunches
+from .p2p import P2PBatch, QueuedP2P
+from .watch import WatchedLaunches
 
 log = logging.getLogger("flagcx.nccl")
 
