@@ -101,6 +101,8 @@ class Config:
     """FLAGCX_TRACE_BUFFER: calls kept per communicator by the flight recorder (flagcx.flight); 0 turns the recorder off."""
     trace_stack: bool = False
     """FLAGCX_TRACE_STACK: 1 keeps the caller's Python frames with each recorded call (costs a stack walk per call; switches the fast path off)."""
+    vllm: bool = False
+    """FLAGCX_VLLM: 1 activates flagcx's vLLM platform plugin (vLLM's groups on flagcx); 0, the default, leaves vLLM alone."""
     nccl_watchdog: bool = True
     """FLAGCX_NCCL_WATCHDOG: 1 (default) runs the watchdog thread that aborts an NCCL communicator whose op outlives the timeout (one CUDA event per launch); 0 turns it off."""
 
@@ -272,6 +274,7 @@ def _load() -> Config:
         socket_ifname=_parse_ifname(_env("FLAGCX_SOCKET_IFNAME")),
         trace_buffer=_parse_size("FLAGCX_TRACE_BUFFER", _env("FLAGCX_TRACE_BUFFER"), DEFAULT_TRACE_BUFFER),
         trace_stack=_parse_choice("FLAGCX_TRACE_STACK", ("0", "1"), "0") == "1",
+        vllm=_parse_choice("FLAGCX_VLLM", ("0", "1"), "0") == "1",
         nccl_watchdog=_parse_choice("FLAGCX_NCCL_WATCHDOG", ("0", "1"), "1") == "1",
         fast_allreduce=_parse_choice("FLAGCX_FAST_ALLREDUCE", ("0", "1"), "0") == "1",
     )

@@ -432,3 +432,17 @@ def register() -> None:
     for device in unclaimed:
         if dist.Backend.default_device_backend_map.get(device) == BACKEND_NAME:
             del dist.Backend.default_device_backend_map[device]
+
+
+def communicator_of(group: Any) -> Communicator:
+    """The :class:`Communicator` under a torch.distributed group whose backend is flagcx (for engines that call it directly)."""
+    if isinstance(group, ProcessGroupFlagcx):
+        return group.comm
+    for device in ("cpu", "cuda"):
+        try:
+            backend = group._get_backend(torch.device(device))
+        except Exception:  # no backend for this device type in the group
+            continue
+        if isinstance(backend, ProcessGroupFlagcx):
+            return backend.comm
+    raise invalid("communicator_of", None, "group", f"is {type(group).__name__}, not a flagcx process group", 'create it with backend="flagcx"')

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("applications", ("flagcx", "flagcx._autoload", "flagcx.launch", "flagcx.bench", "flagcx.models")),
+    ("applications", ("flagcx", "flagcx._autoload", "flagcx.launch", "flagcx.bench", "flagcx.models", "flagcx.integrations")),
     ("frontends", ("flagcx.frontends",)),
     ("core", ("flagcx.core",)),
     ("hetero", ("flagcx.hetero",)),
