@@ -65,4 +65,9 @@ class OptionalBuildExt(build_ext):
         )
 
 
-setup(cffi_modules=["csrc/build_shm.py:ffibuilder"], cmdclass={"build_ext": OptionalBuildExt})
+# The extension uses the stable ABI (cffi builds _shm.abi3.so): one wheel serves every CPython >= 3.11.
+setup(
+    cffi_modules=["csrc/build_shm.py:ffibuilder"],
+    cmdclass={"build_ext": OptionalBuildExt},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

@@ -10,6 +10,7 @@ launcher sets it for its children, and :mod:`flagcx.bootstrap` reads it.)
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -51,6 +52,39 @@ DEFAULT_TRACE_BUFFER = 2000
 """FLAGCX_TRACE_BUFFER unset: calls each communicator's flight recorder keeps (torch's recorder keeps 2000 too)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+ADAPTER_ENTRY_POINTS = "flagcx.adapters"
+"""Entry-point group of adapter plugins (read by flagcx.adapters.plugins; here to check FLAGCX_CPU_ADAPTER)."""
+BUILTIN_CPU_ADAPTERS = ("auto", "shm", "gloo", "mpi")
+VARIABLES = (
+    "FLAGCX_DEBUG",
+    "FLAGCX_TIMEOUT",
+    "FLAGCX_CPU_ADAPTER",
+    "FLAGCX_HOST_ID",
+    "FLAGCX_CLUSTER_ID",
+    "FLAGCX_CHECK",
+    "FLAGCX_NCCL_LIB",
+    "FLAGCX_NCCL_CLONES",
+    "FLAGCX_TOPO_FILE",
+    "FLAGCX_HETERO_CHUNK",
+    "FLAGCX_HETERO_LANES",
+    "FLAGCX_HETERO_ALLREDUCE",
+    "FLAGCX_SHM_BUFFER",
+    "FLAGCX_SHM_P2P_BUFFER",
+    "FLAGCX_SHM_THREADS",
+    "FLAGCX_VENDOR_BACKEND",
+    "FLAGCX_DEVICE_ADAPTER",
+    "FLAGCX_ADAPTER_PLUGIN",
+    "FLAGCX_SOCKET_IFNAME",
+    "FLAGCX_TRACE_BUFFER",
+    "FLAGCX_TRACE_STACK",
+    "FLAGCX_VLLM",
+    "FLAGCX_NCCL_WATCHDOG",
+    "FLAGCX_FAST_ALLREDUCE",
+    "FLAGCX_LAUNCHER",
+)
+"""Every FLAGCX_* variable flagcx reads (FLAGCX_LAUNCHER is set by flagcx.launch for its ranks)."""
+_warned: set[str] = set()
+log = logging.getLogger("flagcx.config")
 
 
 @dataclass(frozen=True)
@@ -237,7 +271,29 @@ def _parse_cpu_adapter(raw: str | None, vendor: str | None) -> str:
         raise ConfigError("FLAGCX_CPU_ADAPTER=torch_pg needs a c10d backend; set FLAGCX_VENDOR_BACKEND=cpu:<backend> instead")
     if not _NAME.match(name):
         raise ConfigError(f"FLAGCX_CPU_ADAPTER={name!r} is not an adapter name; write auto, shm, gloo, mpi or a plugin adapter's name")
+    if name not in BUILTIN_CPU_ADAPTERS and not _env("FLAGCX_ADAPTER_PLUGIN"):  # plugins named there are known only once loaded
+        from importlib.metadata import entry_points  # only for a name that is no builtin (it costs ~5 ms)
+
+        plugins = sorted({ep.name for ep in entry_points(group=ADAPTER_ENTRY_POINTS)})
+        if name not in plugins:
+            close = difflib.get_close_matches(name, [*BUILTIN_CPU_ADAPTERS, *plugins], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"FLAGCX_CPU_ADAPTER={name!r} is no adapter; {hint}write one of {', '.join([*BUILTIN_CPU_ADAPTERS, *plugins])} "
+                "(or a plugin adapter's module:Class in FLAGCX_ADAPTER_PLUGIN)"
+            )
     return name
+
+
+def _warn_unknown_names() -> None:
+    """A FLAGCX_* variable that is one typo away from a known one is named once per process, with the known one."""
+    for name in os.environ:
+        if not name.startswith("FLAGCX_") or name in VARIABLES or name in _warned:
+            continue
+        close = difflib.get_close_matches(name, VARIABLES, n=1, cutoff=0.8)
+        if close:
+            _warned.add(name)
+            log.warning("%s is not a flagcx variable and is ignored; did you mean %s?", name, close[0])
 
 
 def _parse_plugins(raw: str | None) -> tuple[str, ...]:
@@ -252,6 +308,7 @@ def _parse_plugins(raw: str | None) -> tuple[str, ...]:
 
 
 def _load() -> Config:
+    _warn_unknown_names()
     return Config(
         debug=(_env("FLAGCX_DEBUG") or "").upper() or None,
         timeout=_parse_timeout(_env("FLAGCX_TIMEOUT")),

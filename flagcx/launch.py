@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Optional, Union
 
+from .errors import ConfigError
+
 EnvSpec = Union[None, Mapping[str, str], Callable[[int], Mapping[str, str]]]
 
 
@@ -77,6 +79,9 @@ def _die_with_parent(parent: int) -> None:
 
 def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results, parent: int) -> None:
     _die_with_parent(parent)  # the rank's own variables are already in place: spawn() set them for its start
+    # spawn() started this process with SIGINT blocked (a Ctrl-C while Python starts prints pages of
+    # tracebacks); take it from here on (a Ctrl-C that came meanwhile is delivered now)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.environ.update(
         {
             "RANK": str(rank),
@@ -97,8 +102,8 @@ def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results, 
             ok, value, code = False, f"exited with SystemExit({exc.code!r})", exc.code if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group: the launcher reports it once
         os._exit(130)
-    except BaseException:
-        ok, value, code = False, traceback.format_exc(), 1
+    except BaseException as exc:
+        ok, value, code = False, _user_traceback(exc), 1
     results.put((rank, ok, value))
     results.close()
     results.join_thread()
@@ -157,6 +162,30 @@ def _rank_env(env: EnvSpec, rank: int) -> dict:
     return {k: str(v) for k, v in env.items()}
 
 
+_OWN_FRAMES = (os.path.abspath(__file__), "<frozen runpy>")
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without the launcher's and runpy's frames that lead to the user's code."""
+    tb = traceback.TracebackException.from_exception(exc)
+    frames = list(tb.stack)
+    keep = 0
+    while keep < len(frames) - 1 and (frames[keep].filename in _OWN_FRAMES or frames[keep].filename.endswith("runpy.py")):
+        keep += 1
+    tb.stack = traceback.StackSummary.from_list(frames[keep:])
+    return "".join(tb.format())
+
+
+def _exit_text(code: int) -> str:
+    """How a rank process ended, as torchrun says it: a signal by name."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def spawn(
     fn: Callable[..., Any],
     nproc: int,
@@ -192,7 +221,9 @@ def spawn(
         for rank in range(nproc):
             rank_env = {**threads, **loopback, **_rank_env(env, rank)}
             p = ctx.Process(target=_child, args=(fn, rank, nproc, store.port, tuple(args), results, os.getpid()), daemon=False)
-            with patched_environ(rank_env):  # in place from the child's first instruction (OpenMP reads it when torch loads)
+            # in place from the child's first instruction (OpenMP reads it when torch loads); SIGINT blocked
+            # until the child runs the rank's code (the mask survives fork and exec)
+            with patched_environ(rank_env), _sigint_blocked():
                 p.start()
             procs.append(p)
         while len(values) < nproc and failure is None:
@@ -216,7 +247,7 @@ def spawn(
                             failure = LaunchError(r, value)
                         break
                     except queue.Empty:
-                        failure = LaunchError(rank, f"exited with code {p.exitcode} before returning")
+                        failure = LaunchError(rank, f"{_exit_text(p.exitcode)} before returning")
                         break
             if deadline is not None and time.monotonic() > deadline and failure is None:
                 failure = LaunchError(-1, f"launch timed out after {timeout:g} s; finished ranks: {sorted(values)}")
@@ -247,6 +278,16 @@ def spawn(
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread for the block (a Ctrl-C meanwhile arrives when it ends)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _catch_stop_signals() -> Optional[dict]:
@@ -294,8 +335,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give a script to run")
     if ns.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {ns.nproc}")
+    missing = _missing_target(ns.target[0], ns.module)
+    if missing:
+        print(f"flagcx.launch: {missing}", file=sys.stderr)
+        return 2
     try:
+        _check_config()
         spawn(_run_target, ns.nproc, (ns.target, ns.module))
+    except ConfigError as exc:
+        print(f"flagcx.launch: {exc.detail}", file=sys.stderr)
+        return 2
     except LaunchInterrupted as exc:
         print(f"flagcx.launch: {exc}", file=sys.stderr)
         return 128 + exc.signum
@@ -303,6 +352,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"flagcx.launch: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _missing_target(target: str, module: bool) -> str:
+    """Why ``target`` cannot run ("" when it can be found), checked before any rank starts."""
+    if module:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(target) is not None
+        except (ImportError, ValueError):
+            found = False
+        return "" if found else f"no module named {target!r} (python -m {target} would fail too)"
+    return "" if os.path.isfile(target) else f"no such script: {target!r}"
+
+
+def _check_config() -> None:
+    """Read the FLAGCX_* variables once here, so a bad value is one line from the launcher, not a traceback per rank."""
+    from . import config
+
+    config.get()
 
 
 if __name__ == "__main__":

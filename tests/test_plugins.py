@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from flagcx import Communicator, FlagcxError, config
-from flagcx.adapters import plugins
+from flagcx import Communicator, ConfigError, FlagcxError, config
+from flagcx.adapters import adapter_class, plugins
 
 from .helpers.harness import assert_passed, run_suite
 
@@ -94,12 +94,19 @@ def test_communicator_refuses_selected_bad_plugin(env):
 
 
 def test_unknown_adapter_name_is_clear(env):
-    env(FLAGCX_CPU_ADAPTER="nosuch")
+    # no plugin module named: FLAGCX_CPU_ADAPTER is checked when it is read, against the builtins and the entry points
+    with pytest.raises(ConfigError) as info:
+        env(FLAGCX_CPU_ADAPTER="nosuch")
+    text = str(info.value)
+    for w in ("FLAGCX_CPU_ADAPTER='nosuch' is no adapter", "auto, shm, gloo, mpi", "FLAGCX_ADAPTER_PLUGIN"):
+        assert w in text, text
+    # where the name is only known once plugins load (FLAGCX_ADAPTER_PLUGIN set), the adapter lookup says it
+    env(FLAGCX_CPU_ADAPTER="auto")
     with pytest.raises(FlagcxError) as info:
-        Communicator(dist.HashStore(), 0, 1)
+        adapter_class("nosuch")
     text = str(info.value)
     for w in ("unknown adapter 'nosuch'", "gloo, mpi, nccl, shm", "torch_pg:<c10d backend>", "'flagcx.adapters' entry points", "FLAGCX_ADAPTER_PLUGIN"):
-        assert w in text
+        assert w in text, text
 
 
 def test_bad_plugin_variable(env):

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import ADAPTER_ENTRY_POINTS
 from ..config import get as get_config
 from ..errors import FlagcxError
 from ..types import ReduceOp
@@ -37,7 +38,7 @@ from .names import BUILTIN, KEYWORDS
 
 log = logging.getLogger("flagcx.adapters")
 
-ENTRY_POINT_GROUP = "flagcx.adapters"
+ENTRY_POINT_GROUP = ADAPTER_ENTRY_POINTS
 """The entry-point group third-party packages register adapters in (name -> ``module:Class``)."""
 
 RESERVED = frozenset(BUILTIN) | KEYWORDS

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -252,7 +253,11 @@ def plot_figure(runs: Sequence[Run], title: str, caption: str) -> Any:
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or pip install 'flagcx[plot]')") from exc
     colls = list(dict.fromkeys(r.collective for r in runs))
-    fig, axes = plt.subplots(len(colls), 2, figsize=(12, 3.8 * len(colls) + 0.9), squeeze=False)
+    title = "\n".join(textwrap.wrap(title, 100))  # one long line was clipped at both ends
+    head = 0.45 + 0.3 * title.count("\n")  # inches above the panels for the title, below them for the caption: fixed,
+    foot = 0.4  # not a fraction of the height, which left wide empty bands on a figure of nine collectives
+    height = 3.8 * len(colls) + head + foot
+    fig, axes = plt.subplots(len(colls), 2, figsize=(12, height), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (lat, bw), coll in zip(axes, colls):
         sizes: list[int] = []
@@ -279,6 +284,6 @@ def plot_figure(runs: Sequence[Run], title: str, caption: str) -> Any:
         if bw.lines:
             bw.legend(fontsize="small", loc="upper left")
     fig.suptitle(title, fontsize="large")
-    fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize="small", color="0.3")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    fig.text(0.5, 0.1 / height, caption, ha="center", va="bottom", fontsize="small", color="0.3")
+    fig.tight_layout(rect=(0, foot / height, 1, 1 - head / height))
     return fig

@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write results as JSON (nccl-tests -J like)")
     p.add_argument("--csv", dest="csv_path", default=None, metavar="PATH", help="write one CSV row per backend, size and mode")
     p.add_argument(
-        "--plot", dest="plot_path", default=None, metavar="PATH.png", help="plot out-of-place busbw vs size, one line per backend (needs matplotlib)"
+        "--plot",
+        dest="plot_path",
+        default=None,
+        metavar="PATH.png",
+        help="plot, per collective, a latency panel and a bus-bandwidth panel against size, a line per backend and mode (needs matplotlib)",
     )
     return p
 

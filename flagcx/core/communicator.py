@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,6 @@ from ..adapters import Adapter
 from ..adapters.streams import SideStream
 from ..bootstrap import prepare_env, store_from_env
 from ..errors import CommAborted, InvalidArgument, NotSupported, invalid
-from ..hetero import HeteroAdapter
 from ..tensors import as_bytes, nbytes, overlaps
 from ..topology.detect import PeerRecord
 from ..types import PremulSum, ReduceOp, ReduceOpLike, to_reduce_op
@@ -43,6 +42,9 @@ from .lowering import broadcast_blocks, concat_blocks, lower_reduction, native_a
 from .selection import AdapterSet, exchange_records
 from .sparse import all_reduce_sparse
 from .transports import open_transports
+
+if TYPE_CHECKING:
+    from ..hetero import HeteroAdapter
 
 _CPU = torch.device("cpu")
 
@@ -120,8 +122,8 @@ class Communicator:
         self.topology, self.clusters, self._transports = open_transports(
             store, rank, size, self._records, name=name, timeout=self.timeout, global_ranks=self.global_ranks, device_adapters=_device_adapters
         )
-        self._hetero = self._transports if isinstance(self._transports, HeteroAdapter) else None
         self._adapters = self._transports if isinstance(self._transports, AdapterSet) else None
+        self._hetero: Optional[HeteroAdapter] = self._transports if self._adapters is None else None  # type: ignore[assignment]
         self.recorder: Optional[flight.Recorder] = None
         """This communicator's flight recorder (None with FLAGCX_TRACE_BUFFER=0); its ``name`` and ``desc`` label the group in dumps."""
         if cfg.trace_buffer:

@@ -9,19 +9,21 @@ form clusters (:func:`flagcx.topology.clusters.form_clusters`). One cluster: an
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from ..adapters import Adapter, AdapterContext
 from ..errors import InvalidArgument
-from ..hetero import HeteroAdapter
 from ..topology.clusters import Cluster, form_clusters
 from ..topology.detect import PeerRecord, RankRecord
 from .selection import AdapterSet
 
-Transports = Union[HeteroAdapter, AdapterSet]
+if TYPE_CHECKING:
+    from ..hetero import HeteroAdapter
+
+Transports = Union["HeteroAdapter", AdapterSet]
 
 
 def open_transports(
@@ -43,6 +45,8 @@ def open_transports(
         raise InvalidArgument(str(exc), op="init", rank=rank) from None
     if len(clusters) > 1:
         ctx = AdapterContext(dist.PrefixStore("hetero/", store), rank, size, timeout, torch.device("cpu"), name, list(global_ranks))
+        from ..hetero import HeteroAdapter  # loaded only by jobs whose ranks form several clusters
+
         return topology, clusters, HeteroAdapter(ctx, records, clusters, AdapterSet)
     adapters = AdapterSet(
         dist.PrefixStore("adapters/", store), rank, size, records, name=name, timeout=timeout, global_ranks=global_ranks, device_adapters=device_adapters

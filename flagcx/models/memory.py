@@ -209,4 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    try:
+        import transformers  # noqa: F401  (the model configs come from it)
+    except ModuleNotFoundError:
+        raise SystemExit("python -m flagcx.models.memory needs transformers: pip install 'flagcx[models]'") from None
     raise SystemExit(main())

@@ -2,13 +2,33 @@
 
 Detection and planning are pure data (records are exchanged by the core through the
 store); the one exception is :func:`init_tp_groups`, which turns a plan into the
-running job's torch process groups.
+running job's torch process groups. The planner (:mod:`.tp_plan`, :mod:`.tp_groups`) loads on
+first use.
 """
+
+from importlib import import_module
+from typing import Any
 
 from .clusters import Cluster, form_clusters
 from .detect import RankRecord, host_identity, load_topo_file, local_record
-from .tp_groups import TPGroups, init_tp_groups
-from .tp_plan import PlacementWarning, RankPlacement, TPPlan, plan_tp_groups
+
+_PLANNER = {
+    "TPGroups": "tp_groups",
+    "init_tp_groups": "tp_groups",
+    "PlacementWarning": "tp_plan",
+    "RankPlacement": "tp_plan",
+    "TPPlan": "tp_plan",
+    "plan_tp_groups": "tp_plan",
+}
+"""The nested-TP planner, imported on first use (a job that plans no TP groups never loads it)."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _PLANNER.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "Cluster",

@@ -1,0 +1,147 @@
+"""What a newcomer meets first: a launcher and configuration that answer mistakes in one line, a clean package.
+
+The launcher: a missing script or module is refused before any rank starts; a bad FLAGCX_*
+value is one ``flagcx.launch: ...`` line and exit 2; a rank's failure shows the user's
+frames without the launcher's and runpy's; a rank killed by a signal is named by the signal;
+Ctrl-C while ranks are still starting prints no rank tracebacks. Configuration:
+FLAGCX_CPU_ADAPTER=shmm is a ConfigError that suggests shm; a misspelled FLAGCX_* name is
+logged once with the closest known one. Package: LICENSE, SPDX license, numpy only in
+the mpi extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from flagcx import ConfigError, config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _launch(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flagcx.launch", *args], cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_a_missing_script_or_module_is_refused_before_any_rank_starts(tmp_path):
+    start = time.monotonic()
+    out = _launch(tmp_path, "--nproc", "2", "no_such_script.py")
+    assert out.returncode == 2 and out.stderr.strip() == "flagcx.launch: no such script: 'no_such_script.py'", out.stderr
+    out = _launch(tmp_path, "--nproc", "2", "-m", "no_such_module_xyz")
+    assert out.returncode == 2 and "no module named 'no_such_module_xyz'" in out.stderr, out.stderr
+    assert time.monotonic() - start < 30  # no rank imported torch
+
+
+def test_a_bad_variable_is_one_line(tmp_path):
+    (tmp_path / "ok.py").write_text("print('ran')\n")
+    out = _launch(tmp_path, "--nproc", "2", "ok.py", env={"FLAGCX_TIMEOUT": "ten"})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == ["flagcx.launch: FLAGCX_TIMEOUT='ten' is not a number of seconds; set e.g. FLAGCX_TIMEOUT=300"], out.stderr
+
+
+def test_a_failing_rank_shows_the_users_frames_only(tmp_path):
+    (tmp_path / "boom.py").write_text("def inner():\n    raise ValueError('bad value in rank code')\n\ninner()\n")
+    out = _launch(tmp_path, "--nproc", "2", "boom.py")
+    assert out.returncode == 1
+    assert "boom.py" in out.stderr and "ValueError: bad value in rank code" in out.stderr, out.stderr
+    assert "launch.py" not in out.stderr and "runpy" not in out.stderr, out.stderr
+
+
+def test_a_rank_killed_by_a_signal_is_named(tmp_path):
+    (tmp_path / "abort.py").write_text("import os, signal, time\nif os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGABRT)\ntime.sleep(30)\n")
+    out = _launch(tmp_path, "--nproc", "2", "abort.py")
+    assert out.returncode == 1 and "was killed by SIGABRT" in out.stderr, out.stderr
+
+
+def test_ctrl_c_while_ranks_start_prints_one_line(tmp_path):
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "slow.py"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:  # the launcher has started its ranks...
+        time.sleep(0.01)
+    time.sleep(1.0)  # ...which are still starting: importing torch in spawn_main takes seconds
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
+    assert err.strip().startswith("flagcx.launch: stopped by SIGINT"), err
+
+
+def test_ranks_start_with_sigint_blocked_and_user_code_gets_it(tmp_path):
+    """The mechanism behind a quiet Ctrl-C: a rank's Python starts with SIGINT blocked; the rank's code has it again."""
+    (tmp_path / "mask.py").write_text("import signal, time\nassert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])\ntime.sleep(3)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "flagcx.launch", "--nproc", "2", "mask.py"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    seen = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for pid in _children(proc.pid):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline").read()
+                status = open(f"/proc/{pid}/status").read()
+            except OSError:
+                continue
+            if "spawn_main" in cmdline and pid not in seen:
+                seen[pid] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert len(seen) == 2 and all(mask & (1 << (signal.SIGINT - 1)) for mask in seen.values()), seen
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def test_a_misspelled_cpu_adapter_suggests_the_right_one(monkeypatch):
+    monkeypatch.setenv("FLAGCX_CPU_ADAPTER", "shmm")
+    monkeypatch.delenv("FLAGCX_ADAPTER_PLUGIN", raising=False)
+    with pytest.raises(ConfigError, match=r"FLAGCX_CPU_ADAPTER='shmm' is no adapter; did you mean shm\?"):
+        config.reload()
+    monkeypatch.undo()
+    config.reload()
+
+
+def test_a_misspelled_variable_is_named_once(monkeypatch, caplog):
+    monkeypatch.setenv("FLAGCX_TIMEOUTT", "5")
+    config._warned.discard("FLAGCX_TIMEOUTT")
+    with caplog.at_level(logging.WARNING, logger="flagcx.config"):
+        config.reload()
+        config.reload()
+    hits = [r.getMessage() for r in caplog.records if "FLAGCX_TIMEOUTT" in r.getMessage()]
+    assert hits == ["FLAGCX_TIMEOUTT is not a flagcx variable and is ignored; did you mean FLAGCX_TIMEOUT?"], hits
+    monkeypatch.undo()
+    config.reload()
+
+
+def test_the_package_metadata():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+    assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
+    assert not any(d.startswith("numpy") for d in meta["dependencies"])
+    assert any(d.startswith("numpy") for d in meta["optional-dependencies"]["mpi"])
