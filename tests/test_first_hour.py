@@ -145,3 +145,28 @@ def test_the_package_metadata():
     assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
     assert not any(d.startswith("numpy") for d in meta["dependencies"])
     assert any(d.startswith("numpy") for d in meta["optional-dependencies"]["mpi"])
+
+
+@pytest.mark.parametrize("launcher", ["flagcx.launch", "torchrun"])
+def test_the_readme_hello_world_runs(tmp_path, launcher):
+    script = str(ROOT / "examples" / "hello.py")
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script]
+    else:
+        cmd = [sys.executable, "-m", "flagcx.launch", "--nproc", "2", script]
+    out = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: sum of ranks = 1 (expected 1)" in out.stdout, out.stdout
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
