@@ -16,6 +16,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,31 @@ def test_dump_without_a_recorder_says_so():
     code = "import flagcx\ntry:\n    flagcx.dump_trace()\nexcept flagcx.InvalidArgument as e:\n    print('refused:', e)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, env={**os.environ})
     assert "refused:" in out.stdout and "FLAGCX_TRACE_BUFFER" in out.stdout, out.stdout + out.stderr
+
+
+def test_sigusr1_dumps_when_the_application_took_the_wakeup_fd(tmp_path):
+    """asyncio's loop replaces the wake-up fd: the handler then dumps from the main thread itself."""
+    import signal
+
+    comm = _one_rank(tmp_path, "sig")
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    ours = signal.set_wakeup_fd(write)
+    target = str(tmp_path / "sig_dump_rank_")
+    try:
+        if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
+            pytest.skip("the flight recorder's SIGUSR1 handler is not installed in this process")
+        comm.all_reduce(torch.ones(3))
+        with patched_environ({"TORCH_FR_DUMP_TEMP_FILE": target}):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(100):  # the handler runs between two bytecodes of this thread
+                if os.path.exists(target + "0"):
+                    break
+                time.sleep(0.01)
+        with open(target + "0", "rb") as f:
+            assert pickle.load(f)["reason"] == "SIGUSR1"
+    finally:
+        signal.set_wakeup_fd(ours)
+        os.close(read)
+        os.close(write)
+        comm.destroy()

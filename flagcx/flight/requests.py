@@ -44,6 +44,7 @@ _thread: Optional[threading.Thread] = None
 _seen: weakref.WeakKeyDictionary[Recorder, int] = weakref.WeakKeyDictionary()
 _to_ask: list[Recorder] = []
 _wakeup_read: Optional[int] = None
+_wakeup_write: Optional[int] = None
 _control: Optional[tuple[int, int]] = None
 """(read, write) ends of the pipe that wakes the thread (a timeout to pass on, a communicator closed)."""
 _exiting = False
@@ -169,7 +170,7 @@ def _wait(seconds: float) -> bool:
 
 def _install_signal() -> None:
     """SIGUSR1 -> dump, where nobody handles SIGUSR1 yet (main thread only; once per process)."""
-    global _wakeup_read
+    global _wakeup_read, _wakeup_write
     if _wakeup_read is not None or threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
@@ -184,12 +185,17 @@ def _install_signal() -> None:
         os.close(write)
         signal.signal(signal.SIGUSR1, _dump_in_handler)
         return
-    _wakeup_read = read
-    signal.signal(signal.SIGUSR1, _ignore)
+    _wakeup_read, _wakeup_write = read, write
+    signal.signal(signal.SIGUSR1, _on_sigusr1)
 
 
-def _ignore(signum: int, frame: object) -> None:
-    """The listener thread dumps (it saw the signal on the wake-up pipe)."""
+def _on_sigusr1(signum: int, frame: object) -> None:
+    """The thread dumps (it saw the signal on the wake-up pipe), unless the application replaced the wake-up fd
+    since (asyncio's loop does): then the thread saw nothing, and this handler dumps from the main thread."""
+    current = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(current, warn_on_full_buffer=current != _wakeup_write)
+    if current != _wakeup_write:
+        _dump_in_handler(signum, frame)
 
 
 def _dump_in_handler(signum: int, frame: object) -> None:

@@ -93,6 +93,7 @@ def tp_checks(group, size: int, rank: int) -> list[tuple[str, object]]:
         total = sum(data(r, (sum(sizes), 3), torch.int64, 5) for r in range(size))
         start = sum(sizes[:rank])
         assert torch.equal(group.reduce_scatterv(x, 0, sizes), total[start : start + sizes[rank]])
+        assert torch.equal(x, data(rank, (sum(sizes), 3), torch.int64, 5)), "reduce_scatterv changed its input"
 
     @check("gather to each rank")
     def _():

@@ -93,7 +93,9 @@ class FlagcxCollectives:
                 f"{sizes} do not split dim {dim} of {tuple(input_.shape)} over {self.world_size} ranks",
                 "pass one size per rank summing to that dim",
             )
-        # uneven blocks: reduce everything, keep this rank's rows (the same sums every rank computes)
+        # uneven blocks: reduce everything, keep this rank's rows (the same sums every rank computes); on a copy,
+        # since movedim(0, 0).contiguous() is the caller's own tensor and reduce_scatterv leaves its input alone
+        rows = rows.clone() if rows.data_ptr() == input_.data_ptr() else rows
         self.comm.all_reduce(rows)
         start = sum(sizes[: self.rank_in_group])
         return rows[start : start + sizes[self.rank_in_group]].movedim(0, dim).contiguous()
