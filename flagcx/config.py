@@ -54,7 +54,8 @@ DEFAULT_TRACE_BUFFER = 2000
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 ADAPTER_ENTRY_POINTS = "flagcx.adapters"
 """Entry-point group of adapter plugins (read by flagcx.adapters.plugins; here to check FLAGCX_CPU_ADAPTER)."""
-BUILTIN_CPU_ADAPTERS = ("auto", "shm", "gloo", "mpi")
+CPU_ADAPTERS = ("shm", "gloo", "mpi")
+"""Builtin FLAGCX_CPU_ADAPTER values besides ``auto``."""
 VARIABLES = (
     "FLAGCX_DEBUG",
     "FLAGCX_TIMEOUT",
@@ -271,15 +272,16 @@ def _parse_cpu_adapter(raw: str | None, vendor: str | None) -> str:
         raise ConfigError("FLAGCX_CPU_ADAPTER=torch_pg needs a c10d backend; set FLAGCX_VENDOR_BACKEND=cpu:<backend> instead")
     if not _NAME.match(name):
         raise ConfigError(f"FLAGCX_CPU_ADAPTER={name!r} is not an adapter name; write auto, shm, gloo, mpi or a plugin adapter's name")
-    if name not in BUILTIN_CPU_ADAPTERS and not _env("FLAGCX_ADAPTER_PLUGIN"):  # plugins named there are known only once loaded
+    builtin = ("auto", *CPU_ADAPTERS)
+    if name not in builtin and not _env("FLAGCX_ADAPTER_PLUGIN"):  # plugins named there are known only once loaded
         from importlib.metadata import entry_points  # only for a name that is no builtin (it costs ~5 ms)
 
         plugins = sorted({ep.name for ep in entry_points(group=ADAPTER_ENTRY_POINTS)})
         if name not in plugins:
-            close = difflib.get_close_matches(name, [*BUILTIN_CPU_ADAPTERS, *plugins], n=1)
+            close = difflib.get_close_matches(name, [*builtin, *plugins], n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             raise ConfigError(
-                f"FLAGCX_CPU_ADAPTER={name!r} is no adapter; {hint}write one of {', '.join([*BUILTIN_CPU_ADAPTERS, *plugins])} "
+                f"FLAGCX_CPU_ADAPTER={name!r} is no adapter; {hint}write one of {', '.join([*builtin, *plugins])} "
                 "(or a plugin adapter's module:Class in FLAGCX_ADAPTER_PLUGIN)"
             )
     return name

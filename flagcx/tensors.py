@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -29,3 +31,14 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + nbytes(b) and b0 < a0 + nbytes(a)
+
+
+def tensors_in(values: Sequence[object]) -> list[torch.Tensor]:
+    """The tensors among ``values``, each a tensor, a list / tuple of tensors, or anything else (skipped)."""
+    found: list[torch.Tensor] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            found.extend(t for t in v if isinstance(t, torch.Tensor))
+    return found

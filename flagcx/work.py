@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from .errors import FlagcxError, FlagcxTimeout
-from .flight import Recorder, on_timeout
+from .errors import FlagcxError
+from .flight import Recorder, failed
 
 Step = Callable[[], object]
 """A follow-up step of an op (a copy-out, the AVG division...); its return value is ignored."""
@@ -67,9 +67,7 @@ class Work:
             except BaseException as exc:
                 self._exc = exc
                 if self.trace is not None:
-                    self.trace[0].fail(self.trace[1], exc)
-                    if isinstance(exc, FlagcxTimeout):
-                        on_timeout(exc)
+                    failed(self.trace[0], self.trace[1], exc)
                 raise
             self._done = True
             self._steps = []

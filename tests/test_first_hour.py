@@ -170,3 +170,13 @@ def test_every_link_of_the_readme_and_docs_resolves():
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_every_variable_config_reads_is_known():
+    """config.VARIABLES (what the misspelling warning compares against) lists every FLAGCX_* name config.py reads."""
+    import re
+
+    import inspect
+
+    read = set(re.findall(r'"(FLAGCX_[A-Z0-9_]+)"', inspect.getsource(config._load)))
+    assert read and read <= set(config.VARIABLES), sorted(read - set(config.VARIABLES))

@@ -30,18 +30,10 @@ from torch._C._distributed_c10d import ProcessGroupGloo
 from ..bootstrap import PeerReport, hostname_address, route_address, select_interface
 from ..config import get as get_config
 from ..errors import Cause, CommAborted, FlagcxError, FlagcxTimeout, InvalidArgument, RemoteError
-from ..types import FLOAT_DTYPES, INT_DTYPES, ReduceOp
 from .base import AdapterContext, Capabilities, Handle
-from .torch_pg import TorchPGAdapter, make_gloo
+from .torch_pg import TorchPGAdapter, make_gloo, traits_of
 
 log = logging.getLogger("flagcx.gloo")
-
-_GLOO_OPS = {
-    ReduceOp.SUM: dist.ReduceOp.SUM,
-    ReduceOp.PROD: dist.ReduceOp.PRODUCT,
-    ReduceOp.MAX: dist.ReduceOp.MAX,
-    ReduceOp.MIN: dist.ReduceOp.MIN,
-}
 
 
 def _gloo_cause(exc: BaseException) -> Optional[Cause]:
@@ -140,11 +132,11 @@ class GlooAdapter(TorchPGAdapter):
 
     name = "gloo"
     backend = "gloo"
-    capabilities = Capabilities(
+    capabilities = Capabilities(  # what selection checks before creating it; an instance derives the same from the traits
         devices=frozenset({"cpu"}),
-        reduce_dtypes=FLOAT_DTYPES | INT_DTYPES,
-        reduce_ops=frozenset(_GLOO_OPS),
-        any_source=True,
+        reduce_dtypes=traits_of("gloo").reduce_dtypes,
+        reduce_ops=traits_of("gloo").reduce_ops,
+        any_source=traits_of("gloo").any_source,
     )
 
     @classmethod

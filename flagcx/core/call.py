@@ -24,8 +24,9 @@ import torch
 
 from ..adapters import DONE, Adapter, Handle
 from ..adapters.streams import SideStream, is_capturing
-from ..errors import FlagcxError, FlagcxTimeout, InvalidArgument, NotSupported
-from ..flight import Recorder, on_timeout
+from ..errors import FlagcxError, InvalidArgument, NotSupported
+from ..flight import Recorder, failed
+from ..tensors import tensors_in
 from ..work import Step, Work, merge
 
 
@@ -109,7 +110,7 @@ class Call:
             return
         side.exit()
         if not is_capturing(side.stream.device):
-            for t in _tensors_in(self._tensors):
+            for t in tensors_in(self._tensors):
                 if t.device.type != "cpu":
                     t.record_stream(side.stream)
 
@@ -126,9 +127,7 @@ class Call:
     def _failed(self, exc: BaseException) -> None:
         """The op raised ``exc``: its recorder entry keeps it; a timeout dumps this rank and asks the peers to."""
         assert self.rec is not None
-        self.rec.fail(self.index, exc, started=not isinstance(exc, (InvalidArgument, NotSupported)))
-        if isinstance(exc, FlagcxTimeout):
-            on_timeout(exc)
+        failed(self.rec, self.index, exc, started=not isinstance(exc, (InvalidArgument, NotSupported)))
 
     def done(self, outputs: Sequence[torch.Tensor]) -> Optional[Work]:
         """Finish a call with nothing to move (empty tensors)."""
@@ -165,13 +164,3 @@ class Call:
         for step in steps:
             step()
         return None
-
-
-def _tensors_in(values: Sequence[object]) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif isinstance(v, (list, tuple)):
-            found.extend(t for t in v if isinstance(t, torch.Tensor))
-    return found

@@ -30,7 +30,7 @@ from ..adapters import Adapter
 from ..adapters.streams import SideStream
 from ..bootstrap import prepare_env, store_from_env
 from ..errors import CommAborted, InvalidArgument, NotSupported, invalid
-from ..tensors import as_bytes, nbytes, overlaps
+from ..tensors import as_bytes, nbytes, overlaps, tensors_in
 from ..topology.detect import PeerRecord
 from ..types import PremulSum, ReduceOp, ReduceOpLike, to_reduce_op
 from ..work import Step, Work
@@ -61,22 +61,6 @@ _TRACE_ROLES = {
     "all_to_all": (1, 0),
 }
 """Op -> positions of its input and output among the tensors it hands to ``_call`` (the recorder's sizes)."""
-
-
-def _numel(value: object) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel()
-    if isinstance(value, (list, tuple)):
-        return sum(t.numel() for t in value if isinstance(t, torch.Tensor))
-    return 0
-
-
-def _dtype(value: object) -> Optional[torch.dtype]:
-    if isinstance(value, torch.Tensor):
-        return value.dtype
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-        return value[0].dtype
-    return None
 
 
 def _seconds(timeout: Union[None, float, timedelta]) -> Optional[float]:
@@ -129,7 +113,9 @@ class Communicator:
         if cfg.trace_buffer:
             self.recorder = flight.Recorder(name, self.global_ranks, rank, cfg.trace_buffer, stack=cfg.trace_stack, store=store)
             flight.watch(self.recorder)
-        self._fast = FastPath(size, enabled=self._check is None and not cfg.trace_stack, recorder=self.recorder)
+        self._fast_allowed = self._check is None and not cfg.trace_stack
+        """The fast path runs outside groups unless FLAGCX_CHECK compares calls or FLAGCX_TRACE_STACK walks the stack."""
+        self._fast = FastPath(size, enabled=self._fast_allowed, recorder=self.recorder)
 
     @classmethod
     def from_env(cls, *, timeout: Union[None, float, timedelta] = None, name: str = "flagcx") -> Communicator:
@@ -171,9 +157,9 @@ class Communicator:
         rec, index = self.recorder, -1
         if rec is not None:
             roles = _TRACE_ROLES.get(op)
-            ins, outs = (tensors[roles[0]], tensors[roles[1]]) if roles else (None, None)
-            dtype = _dtype(ins) or _dtype(outs)
-            index = rec.begin(op, _numel(ins), _numel(outs), dtype, adapter.capabilities.stream_ordered, peer)
+            ins, outs = (tensors_in((tensors[roles[0]],)), tensors_in((tensors[roles[1]],))) if roles else ([], [])
+            dtype = (ins or outs)[0].dtype if ins or outs else None
+            index = rec.begin(op, sum(t.numel() for t in ins), sum(t.numel() for t in outs), dtype, adapter.capabilities.stream_ordered, peer)
         return Call(op, adapter, async_op, self._group, self._side, tensors, rec, index)
 
     def _open(self, op: str) -> None:
@@ -489,7 +475,7 @@ class Communicator:
         self._group.depth -= 1
         if self._group.depth:
             return Work("group")
-        self._fast.enabled = self._check is None and self._closed is None and not (self.recorder is not None and self.recorder.stack)
+        self._fast.enabled = self._fast_allowed and self._closed is None
         return self._group.end(self._side)
 
     @contextmanager

@@ -15,8 +15,7 @@ from typing import Optional
 import torch
 
 from ..adapters import Adapter
-from ..errors import FlagcxTimeout
-from ..flight import Recorder, on_timeout
+from ..flight import Recorder, failed
 from ..flight.ring import clock_ns, next_record_id
 from ..tensors import as_bytes, flat
 from ..types import ReduceOp, ReduceOpLike
@@ -97,9 +96,7 @@ class FastPath:
                 adapter.allgather(as_bytes(send), as_bytes(recv)).wait()
         except BaseException as exc:
             if rec is not None:
-                rec.fail(i, exc)
-                if isinstance(exc, FlagcxTimeout):
-                    on_timeout(exc)
+                failed(rec, i, exc)
             raise
         if rec is not None:
             rec.done = i + 1

@@ -34,13 +34,11 @@ from ..adapters import Adapter, AdapterContext, adapter_class
 from ..adapters.streams import current_device_index
 from ..adapters.torch_pg import default_backend, vendor_backend
 from ..bootstrap import agree, require_same, store_allgather
+from ..config import CPU_ADAPTERS
 from ..errors import NotSupported, invalid
 from ..topology.detect import PeerRecord, local_record
 
 log = logging.getLogger("flagcx.core")
-
-CPU_ADAPTERS = ("shm", "gloo", "mpi")
-"""Builtin FLAGCX_CPU_ADAPTER values besides ``auto``."""
 
 DEVICE_ADAPTERS = {"cuda": "nccl"}
 """Builtin native adapter per accelerator device type (third rule for device tensors)."""

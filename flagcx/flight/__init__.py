@@ -9,7 +9,7 @@ transport: the Communicator writes calls, the core and the watchdog report timeo
 from __future__ import annotations
 
 from .dump import DEFAULT_PREFIX, default_path, dump_on_abort, dump_trace, snapshot
-from .requests import close, on_timeout, watch
+from .requests import close, failed, on_timeout, watch
 from .ring import Recorder, live_recorders, next_record_id
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "default_path",
     "dump_on_abort",
     "dump_trace",
+    "failed",
     "live_recorders",
     "next_record_id",
     "on_timeout",

@@ -29,6 +29,7 @@ import threading
 import weakref
 from typing import Optional
 
+from ..errors import FlagcxTimeout
 from .dump import dump_trace
 from .ring import Recorder, live_recorders
 
@@ -50,6 +51,13 @@ _control: Optional[tuple[int, int]] = None
 _exiting = False
 EXIT_JOIN_SECONDS = 5.0
 """At interpreter exit, how long the thread may take to pass on pending requests and end."""
+
+
+def failed(rec: Recorder, index: int, exc: BaseException, started: bool = True) -> None:
+    """Call ``index`` of ``rec`` raised ``exc``: the ring keeps it; a timeout also dumps this rank and asks the peers to."""
+    rec.fail(index, exc, started)
+    if isinstance(exc, FlagcxTimeout):
+        on_timeout(exc)
 
 
 def on_timeout(exc: BaseException) -> None:

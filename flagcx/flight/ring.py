@@ -94,9 +94,8 @@ class Recorder:
     def fail(self, i: int, exc: BaseException, started: bool = True) -> None:
         """Call ``i`` raised ``exc`` (``started``: inside the transport; False: refused before it)."""
         self.errors[i] = ("started" if started else "scheduled", f"{type(exc).__name__}: {exc}")
-        if len(self.errors) > self.capacity:
-            for old in sorted(self.errors)[: len(self.errors) - self.capacity]:
-                del self.errors[old]
+        for gone in [k for k in self.errors if k < self.n - self.capacity]:  # their calls left the ring
+            del self.errors[gone]
 
     def entries(self) -> list[tuple[tuple, int]]:
         """The calls in the ring, oldest first, each with the number of sends and recvs up to it (itself included)."""
