@@ -174,9 +174,8 @@ def test_every_link_of_the_readme_and_docs_resolves():
 
 def test_every_variable_config_reads_is_known():
     """config.VARIABLES (what the misspelling warning compares against) lists every FLAGCX_* name config.py reads."""
-    import re
-
     import inspect
+    import re
 
     read = set(re.findall(r'"(FLAGCX_[A-Z0-9_]+)"', inspect.getsource(config._load)))
     assert read and read <= set(config.VARIABLES), sorted(read - set(config.VARIABLES))
