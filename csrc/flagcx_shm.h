@@ -1,10 +1,10 @@
 /* flagcx shared-memory host transport: the C API the Python adapter calls through cffi.
  *
  * One POSIX shm segment per communicator holds a record per rank (progress counter,
- * pid, futex word), a staging slot per rank for collectives and a ring buffer per
+ * pid, futex words), a staging slot per rank for collectives and a ring buffer per
  * ordered pair of ranks for send/recv. Every collective runs to completion inside one
- * call (the cffi call releases the GIL); send/recv are posted and advanced by a
- * progress thread. Functions return FXS_OK or an FXS_E* code; fxs_error() then says
+ * call (the cffi call releases the GIL); send/recv are posted, advanced by the calling
+ * thread while it posts and waits, and otherwise by a progress thread. Functions return FXS_OK or an FXS_E* code; fxs_error() then says
  * what went wrong. Sizes are bytes unless called counts (elements).
  *
  * The block between the cdef markers is read verbatim by csrc/build_shm.py as the
@@ -76,8 +76,9 @@ uint64_t fxs_ring_bytes(fxs_comm *c);
  * takes effect until the first large op starts the helpers. Returns the count in use. */
 int fxs_set_threads(fxs_comm *c, int nthreads);
 
-/* Collectives (pointers passed as integers). In place when send == recv (allgather:
- * send == recv + rank * nbytes; reducescatter: recv == send + rank * count * esize). */
+/* Collectives (pointers passed as integers). In place when send == recv (allreduce, reduce,
+ * alltoall; allgather: send == recv + rank * nbytes; reducescatter: recv == send + rank *
+ * count * esize; gather and scatter: the root's block of the whole buffer). */
 int fxs_allreduce(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t count, int dtype, int op);
 int fxs_reduce(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t count, int dtype, int op,
                int root);
@@ -93,8 +94,11 @@ int fxs_alltoallv(fxs_comm *c, uintptr_t send, const uint64_t *send_counts, uint
 int fxs_barrier(fxs_comm *c);
 
 /* Point to point. fxs_post returns a new op (NULL with the code in *rc); peer -1 =
- * any source. The op belongs to the caller until fxs_op_release, even after close. */
-fxs_op *fxs_post(fxs_comm *c, int is_recv, int peer, uintptr_t buf, uint64_t nbytes, int *rc);
+ * any source. It advances the posted ops before returning (an op that can complete now is
+ * done); waits != 0 says the caller calls fxs_op_wait on it next, so what is left stays with
+ * the caller instead of waking the progress thread. fxs_op_wait advances every posted op
+ * while it waits. The op belongs to the caller until fxs_op_release, even after close. */
+fxs_op *fxs_post(fxs_comm *c, int is_recv, int peer, uintptr_t buf, uint64_t nbytes, int waits, int *rc);
 int fxs_op_test(fxs_op *op);                  /* FXS_OK, FXS_EPENDING or the op's error */
 int fxs_op_wait(fxs_op *op, double timeout);  /* FXS_ETIMEOUT when still pending */
 int fxs_op_source(fxs_op *op);

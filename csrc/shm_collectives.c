@@ -444,13 +444,14 @@ int fxs_scatter(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes, 
 
 /* Exchange rounds of alltoall(v): in round r, rank p stages bytes [r*w, r*w + w) of its
  * block for every rank q at offset q*w of its half; then every rank collects its
- * window from each peer. */
+ * window from each peer. Even alltoall may run in place (recv == send): a round writes
+ * only the windows it staged, and later rounds read windows further on. */
 static int alltoall_rounds(fxs_comm *c, const char *send, const uint64_t *scount, const uint64_t *sdisp,
                            char *recv, const uint64_t *rcount, const uint64_t *rdisp, uint64_t maxc,
                            int first) {
     int n = c->n, me = c->me, rc;
     size_t w = (c->half / (size_t)n) & ~(size_t)63;
-    if (rcount[me]) memcpy(recv + rdisp[me], send + sdisp[me], rcount[me]);
+    if (rcount[me]) memmove(recv + rdisp[me], send + sdisp[me], rcount[me]);
     for (uint64_t off = 0; off < maxc; off += w) {
         if ((!first || off) && (rc = wait_seq(c, c->seq, -1))) return rc;
         char *dst = slot(c, me, c->seq + 1);

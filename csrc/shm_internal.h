@@ -36,7 +36,7 @@
 #define FXS_HIDDEN __attribute__((visibility("hidden")))
 
 #define MAGIC 0x6873786367616c66ULL /* "flagcxsh" */
-#define VERSION 3u
+#define VERSION 4u
 #define LINE 64
 #define PAGE 4096
 
@@ -49,6 +49,7 @@
 
 enum { ST_NONE = 0, ST_ATTACHED = 1, ST_CLOSED = 2, ST_ABORTED = 3, ST_MISMATCH = 4 };
 enum { OP_PENDING = 0, OP_DONE = 1, OP_FAILED = 2 };
+enum { TS_RUNNING = 0, TS_IDLE = 1, TS_PENDING = 2 };
 enum {
     OPC_ALLREDUCE = 1, OPC_REDUCE, OPC_REDUCESCATTER, OPC_ALLGATHER, OPC_BROADCAST, OPC_GATHER,
     OPC_SCATTER, OPC_ALLTOALL, OPC_ALLTOALLV, OPC_BARRIER
@@ -64,8 +65,11 @@ typedef struct {
     uint64_t pidns;
     _Atomic uint64_t failed; /* 0, or the step at which this rank's communicator broke (first error) */
     char pad0[LINE - 56];
-    _Atomic uint32_t wake;
+    _Atomic uint32_t wake; /* collective waiters of this rank sleep here */
     char pad1[LINE - 4];
+    _Atomic uint32_t p2p_wake;     /* bumped when a ring of this rank changes (data in, space freed) */
+    _Atomic uint32_t p2p_sleepers; /* this rank's threads asleep on p2p_wake (peers wake only then) */
+    char pad2[LINE - 8];
 } rank_rec;
 
 typedef struct {
@@ -86,6 +90,7 @@ typedef struct {
 
 struct fxs_op {
     fxs_op *next;
+    fxs_comm *comm; /* holds a reference on it until fxs_op_release */
     _Atomic int refs;
     _Atomic uint32_t state;
     _Atomic uint32_t waiters;
@@ -141,6 +146,7 @@ struct fxs_comm {
     signed char *pid_ok; /* -1 unknown, 0 not checkable (other pid namespace), 1 checkable */
     char err[512];
     int err_ranks[8], err_nranks;
+    _Atomic int refs; /* the owner's and one per op not yet released: the struct outlives the segment */
     /* shared with the progress thread */
     pthread_mutex_t lock;
     _Atomic int broken;
@@ -150,7 +156,12 @@ struct fxs_comm {
     int thread_on;
     pthread_t thread;
     _Atomic int stop;
-    /* owned by the progress thread */
+    _Atomic int users;            /* callers inside fxs_op_wait: close waits for them before unmapping */
+    _Atomic int drivers;          /* those of them advancing ops now; the progress thread stands by */
+    _Atomic uint32_t thread_wake; /* the progress thread sleeps here when idle or standing by */
+    _Atomic int thread_state;     /* TS_RUNNING, TS_IDLE (on thread_wake) or TS_PENDING (on the rank's p2p_wake) */
+    /* owned by whoever holds plock: the progress thread, or a caller in fxs_post / fxs_op_wait */
+    pthread_mutex_t plock;
     fxs_op **sq_head, **sq_tail, **cur;
     fxs_op *rq_head, *rq_tail;
     uint64_t *shead, *rtail;
@@ -199,14 +210,31 @@ static inline void futex_wake(_Atomic uint32_t *addr, int private_) {
 
 static inline size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
-/* Wake rank p's sleeping threads, if any (a full fence first: Dekker with the sleeper). */
-static inline void wake_rank(fxs_comm *c, int p) {
+/* Wake rank p's threads asleep in a collective, if any (a full fence first: Dekker with the sleeper). */
+static inline void wake_coll(fxs_comm *c, int p) {
     rank_rec *r = &c->rec[p];
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(&r->sleepers, memory_order_relaxed)) {
         atomic_fetch_add(&r->wake, 1);
         futex_wake(&r->wake, 0);
     }
+}
+
+/* Wake rank p's threads asleep on its p2p rings, if any. Kept apart from wake_coll: a collective
+ * step must not wake a peer's progress thread, nor a ring's data a rank waiting in a collective. */
+static inline void wake_p2p(fxs_comm *c, int p) {
+    rank_rec *r = &c->rec[p];
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&r->p2p_sleepers, memory_order_relaxed)) {
+        atomic_fetch_add(&r->p2p_wake, 1);
+        futex_wake(&r->p2p_wake, 0);
+    }
+}
+
+/* Wake every sleeper of rank p (its state changed: closed, broken, mismatch). */
+static inline void wake_rank(fxs_comm *c, int p) {
+    wake_coll(c, p);
+    wake_p2p(c, p);
 }
 
 /* ---------------------------------------------------------------- shm_segment.c: errors and liveness */
@@ -221,6 +249,9 @@ FXS_HIDDEN int broken_error(fxs_comm *c);
 FXS_HIDDEN int fail_at(fxs_comm *c, int code, uint64_t step);
 /* 0 when peer p looks alive, else FXS_EDEAD / FXS_EPEER with the reason in msg. */
 FXS_HIDDEN int peer_problem(fxs_comm *c, int p, char *msg, size_t len);
+
+/* Drop a reference on the communicator's struct (the owner's at close, an op's at release); the last frees it. */
+FXS_HIDDEN void comm_unref(fxs_comm *c);
 
 /* ---------------------------------------------------------------- shm_helpers.c */
 

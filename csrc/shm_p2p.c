@@ -1,8 +1,14 @@
 /* flagcx shared-memory host transport: point to point.
  *
- * Each ordered pair has a ring; messages are an 8-byte length and the payload. Posted
- * ops are advanced by one progress thread per communicator, which never blocks on a
- * single op, so crossing sends larger than the ring complete.
+ * Each ordered pair has a ring; messages are an 8-byte length and the payload. A pass
+ * over the rings advances every posted op and never blocks on a single op, so crossing
+ * sends larger than the ring complete. Whoever holds plock runs the passes: the caller
+ * itself, in fxs_post (an op that can complete now completes before it returns) and in
+ * fxs_op_wait (the waiting thread moves the data, so a blocking send/recv involves no
+ * other thread), else one progress thread per communicator, which advances what nobody
+ * waits on (an isend while the caller computes, a send larger than the ring). The thread
+ * sleeps while idle and stands by while a caller drives; peers wake a rank's p2p sleepers
+ * only, never its collective waiters (and a collective step never wakes them).
  */
 #include "shm_internal.h"
 
@@ -28,8 +34,10 @@ static void op_unref(fxs_op *op) {
     if (atomic_fetch_sub(&op->refs, 1) == 1) free(op);
 }
 
-/* Complete op (err 0) or fail it; drops the progress thread's reference. */
+/* Complete op (err 0) or fail it; drops the queues' reference (plock held). A caller may be
+ * asleep on the op (fxs_op_wait after the communicator closed) or on the rank's p2p word. */
 static void op_finish(fxs_op *op, int err, int peer, const char *msg) {
+    fxs_comm *c = op->comm;
     if (err) {
         op->err = err;
         op->err_peer = peer;
@@ -37,6 +45,14 @@ static void op_finish(fxs_op *op, int err, int peer, const char *msg) {
     }
     atomic_store_explicit(&op->state, err ? OP_FAILED : OP_DONE, memory_order_release);
     if (atomic_load(&op->waiters)) futex_wake(&op->state, 1);
+    if (c->rec && c->me >= 0) {
+        rank_rec *mine = &c->rec[c->me];
+        atomic_thread_fence(memory_order_seq_cst);
+        if (atomic_load_explicit(&mine->p2p_sleepers, memory_order_relaxed)) {
+            atomic_fetch_add(&mine->p2p_wake, 1);
+            futex_wake(&mine->p2p_wake, 0);
+        }
+    }
     op_unref(op);
 }
 
@@ -50,7 +66,7 @@ static void fail_list(fxs_op **head, int err, int peer, const char *msg) {
     }
 }
 
-/* Fail every op the progress thread holds (after the communicator broke or closed). */
+/* Fail every posted op (after the communicator broke or closed; plock held). */
 static void fail_all(fxs_comm *c, int err, int peer, const char *msg) {
     pthread_mutex_lock(&c->lock);
     fxs_op *in = c->in_head;
@@ -102,7 +118,7 @@ static int send_progress(fxs_comm *c, fxs_op *op) {
         atomic_store_explicit(&op->moved, done, memory_order_relaxed);
         c->shead[to] = head;
         atomic_store_explicit(&ch->head, head, memory_order_release);
-        wake_rank(c, to);
+        wake_p2p(c, to);
     }
     return moved;
 }
@@ -169,7 +185,7 @@ static int recv_progress(fxs_comm *c, int src) {
     if (moved) {
         c->rtail[src] = tail;
         atomic_store_explicit(&ch->tail, tail, memory_order_release);
-        wake_rank(c, src);
+        wake_p2p(c, src);
     }
     if (op && atomic_load_explicit(&op->moved, memory_order_relaxed) == op->len) {
         c->cur[src] = NULL;
@@ -222,11 +238,18 @@ static int progress_pass(fxs_comm *c) {
     return any;
 }
 
-static int has_pending(fxs_comm *c) {
-    if (c->rq_head) return 1;
+/* Whether posted ops need progress while nobody waits (plock held): a send still writing, a
+ * message half read, or a recv larger than the ring (its sender stalls until it drains). A
+ * recv whose message fits the ring does not: the message waits there for fxs_op_wait. */
+static int needs_thread(fxs_comm *c) {
     for (int p = 0; p < c->n; p++)
         if (c->sq_head[p] || c->cur[p]) return 1;
-    return 0;
+    for (fxs_op *op = c->rq_head; op; op = op->next)
+        if (op->len + 8 > c->chan_bytes) return 1;
+    pthread_mutex_lock(&c->lock);
+    int posted = c->in_head != NULL;
+    pthread_mutex_unlock(&c->lock);
+    return posted;
 }
 
 /* Peers that pending ops wait on: a dead or closed one breaks the communicator. */
@@ -261,51 +284,87 @@ static int check_p2p_peers(fxs_comm *c) {
     return 0;
 }
 
+/* Fail every op once the communicator broke (plock held). */
+static void fail_broken(fxs_comm *c) {
+    pthread_mutex_lock(&c->lock);
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", c->broken_msg);
+    int code = atomic_load(&c->broken), peer = c->broken_nranks ? c->broken_ranks[0] : -1;
+    pthread_mutex_unlock(&c->lock);
+    fail_all(c, code, peer, msg);
+}
+
+/* One pass, or failing every op of a broken communicator (plock held); 1 when anything moved. */
+static int advance(fxs_comm *c) {
+    if (atomic_load(&c->broken)) {
+        fail_broken(c);
+        return 0;
+    }
+    return progress_pass(c);
+}
+
+/* Make the progress thread look at the ops: it sleeps on thread_wake (idle, standing by) or on
+ * the rank's p2p word (ops pending); the word is bumped before its state is read (Dekker). */
+static void kick_thread(fxs_comm *c) {
+    rank_rec *mine = &c->rec[c->me];
+    atomic_fetch_add(&c->thread_wake, 1);
+    atomic_fetch_add(&mine->p2p_wake, 1);
+    atomic_thread_fence(memory_order_seq_cst);
+    int st = atomic_load(&c->thread_state);
+    if (st == TS_IDLE) futex_wake(&c->thread_wake, 1);
+    else if (st == TS_PENDING) futex_wake(&mine->p2p_wake, 0);
+}
+
 static void *progress_main(void *arg) {
     fxs_comm *c = (fxs_comm *)arg;
     rank_rec *mine = &c->rec[c->me];
-    int64_t idle_since = 0, next_check = 0;
+    int64_t next_check = 0;
     while (!atomic_load(&c->stop)) {
-        if (atomic_load(&c->broken)) {
-            pthread_mutex_lock(&c->lock);
-            char msg[512];
-            snprintf(msg, sizeof msg, "%s", c->broken_msg);
-            int code = atomic_load(&c->broken), peer = c->broken_nranks ? c->broken_ranks[0] : -1;
-            pthread_mutex_unlock(&c->lock);
-            fail_all(c, code, peer, msg);
-        } else if (progress_pass(c)) {
-            idle_since = 0;
+        uint32_t w = atomic_load(&c->thread_wake);
+        if (atomic_load(&c->drivers)) { /* a caller advances the ops; the last to leave kicks */
+            atomic_store(&c->thread_state, TS_IDLE);
+            atomic_thread_fence(memory_order_seq_cst);
+            if (atomic_load(&c->drivers) && !atomic_load(&c->stop)) futex_wait(&c->thread_wake, w, IDLE_SLEEP_NS, 1);
+            atomic_store(&c->thread_state, TS_RUNNING);
             continue;
         }
-        int pending = has_pending(c);
+        pthread_mutex_lock(&c->plock);
+        int moved = advance(c), pending = needs_thread(c);
         int64_t t = now_ns();
-        if (pending) {
-            if (!idle_since) {
-                idle_since = t;
-                next_check = t + FIRST_CHECK_NS;
-            }
+        if (pending && !moved) {
+            if (!next_check) next_check = t + FIRST_CHECK_NS;
             if (t >= next_check) {
                 check_p2p_peers(c);
                 next_check = t + CHECK_NS;
             }
-            if (t - idle_since < YIELD_NS) {
-                sched_yield();
-                continue;
-            }
+        } else if (!pending) {
+            next_check = 0;
         }
-        uint32_t w = atomic_load(&mine->wake);
-        atomic_fetch_add(&mine->sleepers, 1);
+        pthread_mutex_unlock(&c->plock);
+        if (moved) continue;
+        /* Nothing moves now: sleep until a peer touches a ring (ops need it) or a caller kicks. */
+        _Atomic uint32_t *word = pending ? &mine->p2p_wake : &c->thread_wake;
+        uint32_t v = pending ? atomic_load(&mine->p2p_wake) : w;
+        atomic_store(&c->thread_state, pending ? TS_PENDING : TS_IDLE);
+        if (pending) atomic_fetch_add(&mine->p2p_sleepers, 1);
         atomic_thread_fence(memory_order_seq_cst);
-        if (!atomic_load(&c->stop) && !progress_pass(c)) {
+        int again = atomic_load(&c->stop) || atomic_load(&c->drivers);
+        if (!again && pending) {
+            pthread_mutex_lock(&c->plock);
+            again = advance(c);
+            pthread_mutex_unlock(&c->plock);
+        }
+        if (!again) {
             int64_t slice = pending ? SLEEP_NS : IDLE_SLEEP_NS;
             if (pending && next_check - t < slice) slice = next_check - t;
-            futex_wait(&mine->wake, w, slice, 0);
-        } else {
-            idle_since = 0;
+            futex_wait(word, v, slice, !pending);
         }
-        atomic_fetch_sub(&mine->sleepers, 1);
+        if (pending) atomic_fetch_sub(&mine->p2p_sleepers, 1);
+        atomic_store(&c->thread_state, TS_RUNNING);
     }
+    pthread_mutex_lock(&c->plock);
     fail_all(c, FXS_EBROKEN, -1, "the communicator was closed before this op finished");
+    pthread_mutex_unlock(&c->plock);
     return NULL;
 }
 
@@ -320,7 +379,7 @@ static int start_thread(fxs_comm *c) {
     return 0;
 }
 
-fxs_op *fxs_post(fxs_comm *c, int is_recv, int peer, uintptr_t buf, uint64_t nbytes, int *rc) {
+fxs_op *fxs_post(fxs_comm *c, int is_recv, int peer, uintptr_t buf, uint64_t nbytes, int waits, int *rc) {
     if (atomic_load(&c->broken)) {
         *rc = broken_error(c);
         return NULL;
@@ -337,6 +396,7 @@ fxs_op *fxs_post(fxs_comm *c, int is_recv, int peer, uintptr_t buf, uint64_t nby
         return NULL;
     }
     atomic_init(&op->refs, 2);
+    op->comm = c;
     op->is_recv = is_recv;
     op->peer = peer;
     atomic_init(&op->source, -1);
@@ -356,10 +416,16 @@ fxs_op *fxs_post(fxs_comm *c, int is_recv, int peer, uintptr_t buf, uint64_t nby
     else c->in_head = op;
     c->in_tail = op;
     pthread_mutex_unlock(&c->lock);
-    rank_rec *mine = &c->rec[c->me];
-    atomic_fetch_add(&mine->wake, 1);
-    atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load(&mine->sleepers)) futex_wake(&mine->wake, 0);
+    atomic_fetch_add(&c->refs, 1);
+    /* Advance now: a send that fits the ring, or a recv whose message is there, is done on return. */
+    if (pthread_mutex_trylock(&c->plock) == 0) {
+        advance(c);
+        int pending = needs_thread(c);
+        pthread_mutex_unlock(&c->plock);
+        if (pending && !waits && !atomic_load(&c->drivers)) kick_thread(c);
+    } else if (!waits) {
+        kick_thread(c); /* whoever holds plock may have looked before this op was posted */
+    }
     *rc = FXS_OK;
     return op;
 }
@@ -369,31 +435,92 @@ int fxs_op_test(fxs_op *op) {
     return st == OP_PENDING ? FXS_EPENDING : st == OP_DONE ? FXS_OK : op->err;
 }
 
-int fxs_op_wait(fxs_op *op, double timeout) {
-    if (!(timeout < 1e9)) timeout = 1e9; /* also NaN / inf: ~30 years */
-    if (timeout < 0) timeout = 0;
-    int64_t t0 = now_ns(), deadline = t0 + (int64_t)(timeout * 1e9), yield_end = t0 + 200000;
+/* Sleep on the op itself until it finishes or the deadline passes (the progress thread or the
+ * communicator's close finishes it). */
+static int wait_finished(fxs_op *op, int64_t deadline) {
     for (;;) {
         int rc = fxs_op_test(op);
         if (rc != FXS_EPENDING) return rc;
         int64_t t = now_ns();
         if (t >= deadline) return FXS_ETIMEOUT;
+        atomic_fetch_add(&op->waiters, 1);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (atomic_load(&op->state) == OP_PENDING)
+            futex_wait(&op->state, OP_PENDING, deadline - t < IDLE_SLEEP_NS ? deadline - t : IDLE_SLEEP_NS, 1);
+        atomic_fetch_sub(&op->waiters, 1);
+    }
+}
+
+/* Wait for op, advancing every posted op meanwhile: passes while yielding, then sleeps on the
+ * rank's p2p word (peers bump it when they touch a ring), checking the awaited peers' liveness. */
+int fxs_op_wait(fxs_op *op, double timeout) {
+    int rc = fxs_op_test(op);
+    if (rc != FXS_EPENDING) return rc;
+    if (!(timeout < 1e9)) timeout = 1e9; /* also NaN / inf: ~30 years */
+    if (timeout < 0) timeout = 0;
+    int64_t t0 = now_ns(), deadline = t0 + (int64_t)(timeout * 1e9);
+    fxs_comm *c = op->comm;
+    atomic_fetch_add(&c->users, 1);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&c->stop)) { /* closing: the segment may go at any moment; close fails the op */
+        atomic_fetch_sub(&c->users, 1);
+        return wait_finished(op, deadline);
+    }
+    atomic_fetch_add(&c->drivers, 1);
+    rank_rec *mine = &c->rec[c->me];
+    int64_t yield_end = t0 + YIELD_NS, next_check = t0 + FIRST_CHECK_NS;
+    for (;;) {
+        int moved = 0;
+        int64_t t = now_ns();
+        if (pthread_mutex_trylock(&c->plock) == 0) {
+            moved = advance(c);
+            if (!moved && t >= next_check && fxs_op_test(op) == FXS_EPENDING) {
+                if (check_p2p_peers(c)) advance(c);
+                next_check = t + CHECK_NS;
+            }
+            pthread_mutex_unlock(&c->plock);
+        }
+        rc = fxs_op_test(op);
+        if (rc != FXS_EPENDING || atomic_load(&c->stop)) break;
+        if (t >= deadline) {
+            rc = FXS_ETIMEOUT;
+            break;
+        }
+        if (moved) continue;
         if (t < yield_end) {
             sched_yield();
             continue;
         }
-        atomic_fetch_add(&op->waiters, 1);
+        uint32_t w = atomic_load(&mine->p2p_wake);
+        atomic_fetch_add(&mine->p2p_sleepers, 1);
         atomic_thread_fence(memory_order_seq_cst);
-        if (atomic_load(&op->state) == OP_PENDING) {
-            int64_t slice = deadline - t < IDLE_SLEEP_NS ? deadline - t : IDLE_SLEEP_NS;
-            futex_wait(&op->state, OP_PENDING, slice, 1);
+        if (fxs_op_test(op) == FXS_EPENDING && !atomic_load(&c->stop)) {
+            int64_t slice = SLEEP_NS;
+            if (deadline - t < slice) slice = deadline - t;
+            if (next_check - t < slice) slice = next_check - t;
+            futex_wait(&mine->p2p_wake, w, slice, 0);
         }
-        atomic_fetch_sub(&op->waiters, 1);
+        atomic_fetch_sub(&mine->p2p_sleepers, 1);
     }
+    /* The last caller to leave hands what is still pending to the progress thread (it leaves
+     * first, then looks: a post that saw it still driving left its op to it). */
+    if (atomic_fetch_sub(&c->drivers, 1) == 1 && !atomic_load(&c->stop)) {
+        pthread_mutex_lock(&c->plock);
+        int pending = needs_thread(c);
+        pthread_mutex_unlock(&c->plock);
+        if (pending) kick_thread(c);
+    }
+    atomic_fetch_sub(&c->users, 1);
+    if (rc == FXS_EPENDING) return wait_finished(op, deadline);
+    return rc;
 }
 
 int fxs_op_source(fxs_op *op) { return atomic_load(&op->source); }
 uint64_t fxs_op_progress(fxs_op *op) { return atomic_load(&op->moved); }
 const char *fxs_op_error(fxs_op *op) { return op->msg; }
 int fxs_op_error_peer(fxs_op *op) { return op->err_peer; }
-void fxs_op_release(fxs_op *op) { op_unref(op); }
+void fxs_op_release(fxs_op *op) {
+    fxs_comm *c = op->comm;
+    op_unref(op);
+    comm_unref(c);
+}

@@ -156,7 +156,9 @@ static int comm_init(fxs_comm **out, char *base, size_t total, int rank, double 
     c->mode = mode;
     c->my_pidns = self_pidns();
     c->nthreads = 1;
+    atomic_init(&c->refs, 1);
     pthread_mutex_init(&c->lock, NULL);
+    pthread_mutex_init(&c->plock, NULL);
     size_t un = (size_t)n;
     c->known = calloc(un, sizeof *c->known);
     c->srcs = calloc(un, sizeof *c->srcs);
@@ -381,14 +383,20 @@ void fxs_close(fxs_comm *c, int abort) {
             if (p == c->me) continue;
             atomic_fetch_add(&c->rec[p].wake, 1);
             futex_wake(&c->rec[p].wake, 0);
+            atomic_fetch_add(&c->rec[p].p2p_wake, 1);
+            futex_wake(&c->rec[p].p2p_wake, 0);
         }
     }
+    atomic_store(&c->stop, 1);
     if (c->thread_on) {
-        atomic_store(&c->stop, 1);
-        atomic_fetch_add(&c->rec[c->me].wake, 1);
-        futex_wake(&c->rec[c->me].wake, 0);
+        /* callers waiting in fxs_op_wait see stop and leave; the thread fails what is left */
+        atomic_fetch_add(&c->thread_wake, 1);
+        futex_wake(&c->thread_wake, 1);
+        atomic_fetch_add(&c->rec[c->me].p2p_wake, 1);
+        futex_wake(&c->rec[c->me].p2p_wake, 0);
         pthread_join(c->thread, NULL);
     }
+    while (atomic_load(&c->users)) sched_yield(); /* no caller touches the segment after this */
     if (c->base) munmap(c->base, c->total);
     free(c->known);
     free(c->srcs);
@@ -400,7 +408,15 @@ void fxs_close(fxs_comm *c, int abort) {
     free(c->cur);
     free(c->shead);
     free(c->rtail);
+    c->base = NULL;
+    c->rec = NULL;
+    comm_unref(c);
+}
+
+FXS_HIDDEN void comm_unref(fxs_comm *c) {
+    if (atomic_fetch_sub(&c->refs, 1) != 1) return;
     pthread_mutex_destroy(&c->lock);
+    pthread_mutex_destroy(&c->plock);
     free(c);
 }
 

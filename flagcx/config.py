@@ -43,7 +43,7 @@ THREADED_SHM_BUFFER = 4 << 20
 """FLAGCX_SHM_BUFFER unset, several threads per rank: staging bytes per rank (each thread's range of a step stays large)."""
 MAX_SHM_THREADS = 8
 """FLAGCX_SHM_THREADS unset: threads per rank are the rank's share of 3/4 of its cpus, at most this many."""
-DEFAULT_SHM_P2P_BUFFER = 256 << 10
+DEFAULT_SHM_P2P_BUFFER = 1 << 20
 """FLAGCX_SHM_P2P_BUFFER unset: ring bytes per ordered pair of ranks (less beyond 16 ranks, see SHM_P2P_BUDGET)."""
 SHM_P2P_BUDGET = 4 << 20
 """FLAGCX_SHM_P2P_BUFFER unset: ring bytes per rank over all its peers; rings shrink (to 16 KiB at least) for large groups."""

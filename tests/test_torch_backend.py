@@ -41,7 +41,7 @@ def test_dist_reduce_ops_reach_the_communicator_fast_path(tmp_path):
     try:
         t = torch.ones(5)
         comm.all_reduce(t, _op_of(opts(dist.ReduceOp.SUM)))  # the first call takes the checked path and remembers
-        assert (t.device, t.dtype, _op_of(opts(dist.ReduceOp.SUM))) in comm._fast._reduce
+        assert ("all_reduce", t.device, t.dtype, _op_of(opts(dist.ReduceOp.SUM))) in comm._fast._reduce
         assert torch.equal(t, torch.ones(5))
     finally:
         comm.destroy()

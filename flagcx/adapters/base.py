@@ -7,7 +7,9 @@ uneven sizes, AVG/PREMUL_SUM emulation, bool/complex, validation, routing by dev
 is the core's job. An adapter knows nothing about torch.distributed's process groups.
 
 Data-movement ops (allgather, broadcast, gather, scatter, alltoall(v), send, recv)
-receive uint8 byte views, so adapters need no dtype logic for them; reductions
+receive uint8 byte views, so adapters need no dtype logic for them (one that declares
+``capabilities.typed_moves`` reads only the bytes and accepts any dtype, which spares
+the core's fast path the views); reductions
 receive the real dtype, restricted to ``capabilities.reduce_dtypes`` and
 ``capabilities.reduce_ops``. An adapter that declares ``ReduceOp.PREMUL_SUM`` there
 receives that op with a keyword ``factor`` (a float: the result is the SUM of
@@ -66,6 +68,10 @@ class Capabilities:
     """recv(peer=None) receives from whichever rank sends first."""
     stream_ordered: bool = False
     """Ops are enqueued on a device stream (CUDA-like) instead of completing on the host."""
+    typed_moves: bool = False
+    """Data-movement ops accept contiguous tensors of any dtype (sizes in bytes: ``nbytes``), not only uint8 views."""
+    alltoall_in_place: bool = False
+    """alltoall accepts the same tensor as send and recv (the core otherwise copies the input first)."""
 
 
 class Handle(abc.ABC):
@@ -233,6 +239,16 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def send(self, tensor: torch.Tensor, peer: int) -> Handle: ...
+
+    def send_wait(self, tensor: torch.Tensor, peer: int) -> None:
+        """A blocking send (what a synchronous call runs); adapters may do it cheaper than send + wait."""
+        self.send(tensor, peer).wait()
+
+    def recv_wait(self, tensor: torch.Tensor, peer: Optional[int]) -> int:
+        """A blocking recv; returns the sending rank."""
+        handle = self.recv(tensor, peer)
+        handle.wait()
+        return peer if peer is not None else handle.source()
 
     @abc.abstractmethod
     def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:

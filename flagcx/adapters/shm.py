@@ -9,8 +9,8 @@ to attach all die during init, the next communicator's rank 0 on the host remove
 orphan: ``fxs_sweep``). Each collective is a single
 C call (the GIL is released) that returns when this rank's part is done; waits spin,
 yield and then sleep on a futex, watch the peers' pids, and fail with FlagcxTimeout or
-RemoteError naming the late or dead rank. send/recv are posted to a progress thread in
-C and complete asynchronously. Large copies and reductions of a collective (256 KiB and
+RemoteError naming the late or dead rank. send/recv complete in the caller's thread when
+they can (at post, or while it waits); a progress thread in C advances what nobody waits on. Large copies and reductions of a collective (256 KiB and
 up per step) are split over FLAGCX_SHM_THREADS threads per rank (default: the rank's
 share of 3/4 of the cpus it may run on, at most 8; staging grows to 4 MiB per rank then), since
 one core's memory bandwidth is a fraction of a many-core host's. After a transport error
@@ -97,16 +97,22 @@ def _text(ptr) -> str:
 
 
 class ShmHandle(Handle):
-    """A posted send or recv, advanced by the adapter's progress thread."""
+    """A posted send or recv: ``wait()`` moves its data (and any other posted op's) itself; the progress thread does it meanwhile."""
 
-    __slots__ = ("_op", "_adapter", "_tensor", "_what", "_finished", "__weakref__")
+    __slots__ = ("_op", "_adapter", "_tensor", "_is_recv", "_peer", "_finished", "__weakref__")
 
-    def __init__(self, op, adapter: ShmAdapter, tensor: torch.Tensor, what: str) -> None:
+    def __init__(self, op, adapter: ShmAdapter, tensor: torch.Tensor, is_recv: int, peer: Optional[int]) -> None:
         self._op = op
         self._adapter = adapter
         self._tensor: Optional[torch.Tensor] = tensor  # kept alive while C may still touch it
-        self._what = what
+        self._is_recv = is_recv
+        self._peer = peer
         self._finished = False
+
+    @property
+    def what(self) -> str:
+        """The op, as errors name it ("send to rank 1", "recv from any source")."""
+        return self._adapter._p2p_what(self._is_recv, self._peer)
 
     def wait(self, timeout: Optional[float] = None) -> None:
         if self._finished:
@@ -120,12 +126,12 @@ class ShmHandle(Handle):
         if rc == _lib.FXS_ETIMEOUT:
             moved = _lib.fxs_op_progress(self._op)
             raise FlagcxTimeout(
-                f"{self._what} on communicator {self._adapter.ctx.label} did not finish within {limit:g} s "
-                f"({moved} of {self._tensor.numel() if self._tensor is not None else 0} bytes moved); the peer is alive but has not posted "
+                f"{self.what} on communicator {self._adapter.ctx.label} did not finish within {limit:g} s "
+                f"({moved} of {self._tensor.nbytes if self._tensor is not None else 0} bytes moved); the peer is alive but has not posted "
                 "the matching call (or is blocked elsewhere)",
                 rank=self._adapter.rank,
             )
-        raise self._adapter._op_error(rc, self._op, self._what)
+        raise self._adapter._op_error(rc, self._op, self.what)
 
     def done(self) -> bool:
         return self._finished or _lib.fxs_op_test(self._op) != _lib.FXS_EPENDING
@@ -143,6 +149,8 @@ class ShmAdapter(Adapter):
         reduce_dtypes=REDUCE_DTYPES,
         reduce_ops=frozenset({ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MAX, ReduceOp.MIN, ReduceOp.AVG}),
         any_source=True,
+        typed_moves=True,
+        alltoall_in_place=True,
     )
 
     @classmethod
@@ -287,19 +295,19 @@ class ShmAdapter(Adapter):
         return self._call("reducescatter", _lib.fxs_reducescatter, send.data_ptr(), recv.data_ptr(), recv.numel(), _DTYPES[send.dtype], _OPS[op])
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        return self._call("allgather", _lib.fxs_allgather, send.data_ptr(), recv.data_ptr(), send.numel())
+        return self._call("allgather", _lib.fxs_allgather, send.data_ptr(), recv.data_ptr(), send.nbytes)
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
-        return self._call("broadcast", _lib.fxs_broadcast, tensor.data_ptr(), tensor.numel(), root)
+        return self._call("broadcast", _lib.fxs_broadcast, tensor.data_ptr(), tensor.nbytes, root)
 
     def gather(self, send: torch.Tensor, recv: Optional[torch.Tensor], root: int) -> Handle:
-        return self._call("gather", _lib.fxs_gather, send.data_ptr(), recv.data_ptr() if recv is not None else 0, send.numel(), root)
+        return self._call("gather", _lib.fxs_gather, send.data_ptr(), recv.data_ptr() if recv is not None else 0, send.nbytes, root)
 
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
-        return self._call("scatter", _lib.fxs_scatter, send.data_ptr() if send is not None else 0, recv.data_ptr(), recv.numel(), root)
+        return self._call("scatter", _lib.fxs_scatter, send.data_ptr() if send is not None else 0, recv.data_ptr(), recv.nbytes, root)
 
     def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        return self._call("alltoall", _lib.fxs_alltoall, send.data_ptr(), recv.data_ptr(), send.numel() // self.size)
+        return self._call("alltoall", _lib.fxs_alltoall, send.data_ptr(), recv.data_ptr(), send.nbytes // self.size)
 
     def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
         sends = _ffi.new("uint64_t[]", [int(x) for x in send_counts])
@@ -310,25 +318,39 @@ class ShmAdapter(Adapter):
         return self._call("barrier", _lib.fxs_barrier)
 
     # ------------------------------------------------------------------ point to point
-    def _post(self, is_recv: int, tensor: torch.Tensor, peer: Optional[int], what: str) -> ShmHandle:
-        c = self._comm("recv" if is_recv else "send")
+    def _post(self, is_recv: int, tensor: torch.Tensor, peer: Optional[int], waits: int = 0) -> ShmHandle:
+        c = self._c
+        if c is None:
+            self._comm("recv" if is_recv else "send")
         if len(self._inflight) >= self._sweep_at:  # amortised: drop finished ops
             self._inflight = [h for h in self._inflight if not h.done()]
             self._sweep_at = max(64, 2 * len(self._inflight))
         rc = _ffi.new("int *")
-        op = _lib.fxs_post(c, is_recv, -1 if peer is None else peer, tensor.data_ptr(), tensor.numel(), rc)
+        op = _lib.fxs_post(c, is_recv, -1 if peer is None else peer, tensor.data_ptr(), tensor.nbytes, waits, rc)
         if op == _ffi.NULL:
-            raise self._error(rc[0], what)
-        handle = ShmHandle(_ffi.gc(op, _lib.fxs_op_release), self, tensor, what)
+            raise self._error(rc[0], self._p2p_what(is_recv, peer))
+        handle = ShmHandle(_ffi.gc(op, _lib.fxs_op_release), self, tensor, is_recv, peer)
         self._inflight.append(handle)
         return handle
 
+    def _p2p_what(self, is_recv: int, peer: Optional[int]) -> str:
+        if not is_recv:
+            return f"send to {self.ctx.peer_name(peer)}"  # type: ignore[arg-type]
+        return "recv from any source" if peer is None else f"recv from {self.ctx.peer_name(peer)}"
+
     def send(self, tensor: torch.Tensor, peer: int) -> Handle:
-        return self._post(0, tensor, peer, f"send to {self.ctx.peer_name(peer)}")
+        return self._post(0, tensor, peer)
 
     def recv(self, tensor: torch.Tensor, peer: Optional[int]) -> Handle:
-        what = "recv from any source" if peer is None else f"recv from {self.ctx.peer_name(peer)}"
-        return self._post(1, tensor, peer, what)
+        return self._post(1, tensor, peer)
+
+    def send_wait(self, tensor: torch.Tensor, peer: int) -> None:
+        self._post(0, tensor, peer, waits=1).wait()
+
+    def recv_wait(self, tensor: torch.Tensor, peer: Optional[int]) -> int:
+        handle = self._post(1, tensor, peer, waits=1)
+        handle.wait()
+        return peer if peer is not None else handle.source()
 
     # ------------------------------------------------------------------ lifetime
     def _shut(self, abort: int) -> None:

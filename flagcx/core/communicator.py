@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .. import config, flight
-from ..adapters import Adapter
+from ..adapters import Adapter, Handle
 from ..adapters.streams import SideStream
 from ..bootstrap import prepare_env, store_from_env
 from ..errors import CommAborted, InvalidArgument, NotSupported, invalid
@@ -113,9 +113,8 @@ class Communicator:
         if cfg.trace_buffer:
             self.recorder = flight.Recorder(name, self.global_ranks, rank, cfg.trace_buffer, stack=cfg.trace_stack, store=store)
             flight.watch(self.recorder)
-        self._fast_allowed = self._check is None and not cfg.trace_stack
-        """The fast path runs outside groups unless FLAGCX_CHECK compares calls or FLAGCX_TRACE_STACK walks the stack."""
-        self._fast = FastPath(size, enabled=self._fast_allowed, recorder=self.recorder)
+        self._fast = FastPath(rank, size, allowed=self._check is None and not cfg.trace_stack, recorder=self.recorder)
+        """The fast path runs unless FLAGCX_CHECK compares calls or FLAGCX_TRACE_STACK walks the stack (synchronous calls: outside groups)."""
 
     @classmethod
     def from_env(cls, *, timeout: Union[None, float, timedelta] = None, name: str = "flagcx") -> Communicator:
@@ -162,6 +161,11 @@ class Communicator:
             index = rec.begin(op, sum(t.numel() for t in ins), sum(t.numel() for t in outs), dtype, adapter.capabilities.stream_ordered, peer)
         return Call(op, adapter, async_op, self._group, self._side, tensors, rec, index)
 
+    def _remember_move(self, op: str, device: torch.device, adapter: Adapter) -> None:
+        """A data movement or send / recv ran on ``adapter``: the next ones of its kind may take the fast path (not in heterogeneous mode, whose adapter routes by rank)."""
+        if self._hetero is None:
+            self._fast.remember_move(op, device, adapter)
+
     def _open(self, op: str) -> None:
         if self._closed is not None:
             raise CommAborted(f"communicator {self.name} is {self._closed}; create a new one", op=op, rank=self.rank)
@@ -178,7 +182,7 @@ class Communicator:
         self, tensor: torch.Tensor, op: ReduceOpLike = ReduceOp.SUM, *, out: Optional[torch.Tensor] = None, async_op: bool = False
     ) -> Optional[Work]:
         """Reduce ``tensor`` over all ranks; the result lands in ``out`` (default: in place)."""
-        if not async_op and self._fast.run("all_reduce", tensor, tensor if out is None else out, op):
+        if not async_op and self._fast.reduction("all_reduce", tensor, tensor if out is None else out, op):
             return None
         name = "all_reduce"
         if self._check is not None:
@@ -200,12 +204,12 @@ class Communicator:
             send, recv = reduce_buffers(tensor, out, steps)
             low = lower_reduction(name, self.rank, self.size, call.adapter, send, recv, kind, factor)
             if native_as_called(low, kind, tensor.dtype, steps):
-                self._fast.remember_reduction(tensor, op, call.adapter, low.op)
+                self._fast.remember_reduction(name, tensor, op, call.adapter, low.op)
             return call.finish(lambda: call.adapter.allreduce(low.send, low.recv, low.op, **low.kwargs()), low.steps + steps, [out])
 
     def reduce_scatter(self, out: torch.Tensor, tensor: TensorOrList, op: ReduceOpLike = ReduceOp.SUM, *, async_op: bool = False) -> Optional[Work]:
         """Reduce over ranks and give rank r block r: ``tensor`` has size * out.numel() elements (or is a list of size blocks)."""
-        if not async_op and isinstance(tensor, torch.Tensor) and self._fast.run("reduce_scatter", tensor, out, op):
+        if not async_op and isinstance(tensor, torch.Tensor) and self._fast.reduction("reduce_scatter", tensor, out, op):
             return None
         name = "reduce_scatter"
         if self._check is not None:
@@ -223,7 +227,7 @@ class Communicator:
             recv = contig_out(out, steps)
             low = lower_reduction(name, self.rank, self.size, call.adapter, send, recv, kind, factor)
             if native_as_called(low, kind, out.dtype, steps):
-                self._fast.remember_reduction(out, op, call.adapter, low.op)
+                self._fast.remember_reduction(name, out, op, call.adapter, low.op)
             if overlaps(low.send, low.recv) and low.recv.data_ptr() != low.send.data_ptr() + self.rank * nbytes(low.recv):
                 low.send = low.send.clone()
             return call.finish(lambda: call.adapter.reducescatter(low.send, low.recv, low.op, **low.kwargs()), low.steps + steps, [out])
@@ -232,6 +236,8 @@ class Communicator:
         self, tensor: torch.Tensor, root: int, op: ReduceOpLike = ReduceOp.SUM, *, out: Optional[torch.Tensor] = None, async_op: bool = False
     ) -> Optional[Work]:
         """Reduce over ranks into root's ``out`` (default: root's ``tensor``); other ranks' tensors are untouched."""
+        if not async_op and self._fast.reduction("reduce", tensor, tensor if out is None else out, op, root):
+            return None
         name = "reduce"
         if self._check is not None:
             self._check.call(name, check.desc(tensor), f"root={root}", check.op_label(op))
@@ -248,12 +254,14 @@ class Communicator:
             steps: list[Step] = []
             send, recv = reduce_buffers(tensor, out, steps, receives=is_root)
             low = lower_reduction(name, self.rank, self.size, call.adapter, send, recv, kind, factor, divide_here=is_root)
+            if native_as_called(low, kind, tensor.dtype, steps):
+                self._fast.remember_reduction(name, tensor, op, call.adapter, low.op)
             return call.finish(lambda: call.adapter.reduce(low.send, low.recv, low.op, root, **low.kwargs()), low.steps + steps, [out])
 
     # ------------------------------------------------------------------ data movement
     def all_gather(self, out: TensorOrList, tensor: torch.Tensor, *, async_op: bool = False) -> Optional[Work]:
         """Gather every rank's ``tensor`` into ``out`` (a tensor of size * numel elements, or a list of size tensors)."""
-        if not async_op and self._fast.run("all_gather", tensor, out):
+        if not async_op and self._fast.movement("all_gather", tensor, out):
             return None
         name = "all_gather"
         if self._check is not None:
@@ -271,8 +279,7 @@ class Communicator:
             s, r = as_bytes(contig_in(tensor)), as_bytes(recv)
             if overlaps(s, r) and s.data_ptr() != r.data_ptr() + self.rank * s.numel():
                 s = s.clone()
-            if self._hetero is None:
-                self._fast.remember_move(tensor.device, call.adapter)
+            self._remember_move(name, tensor.device, call.adapter)
             return call.finish(lambda: call.adapter.allgather(s, r), steps, outputs)
 
     def _all_gather_uneven(self, call: Call, outs: Sequence[torch.Tensor], tensor: torch.Tensor) -> Optional[Work]:
@@ -285,6 +292,8 @@ class Communicator:
 
     def broadcast(self, tensor: torch.Tensor, root: int, *, async_op: bool = False) -> Optional[Work]:
         """Copy root's ``tensor`` to every rank, in place."""
+        if not async_op and self._fast.movement("broadcast", tensor, None, root):
+            return None
         name = "broadcast"
         if self._check is not None:
             self._check.call(name, check.desc(tensor), f"root={root}")
@@ -296,10 +305,13 @@ class Communicator:
                 return call.done([tensor])
             steps: list[Step] = []
             b = as_bytes(contig_inout(tensor, steps))
+            self._remember_move(name, tensor.device, call.adapter)
             return call.finish(lambda: call.adapter.broadcast(b, root), steps, [tensor])
 
     def gather(self, tensor: torch.Tensor, out: Optional[TensorOrList] = None, root: int = 0, *, async_op: bool = False) -> Optional[Work]:
         """Collect every rank's ``tensor`` on root into ``out`` (a tensor of size * numel elements, or a list)."""
+        if not async_op and self._fast.movement("gather", tensor, out, root):
+            return None
         name = "gather"
         if self._check is not None:
             self._check.call(name, check.desc(tensor), f"root={root}")
@@ -317,10 +329,13 @@ class Communicator:
                 return call.done(outputs)
             s = as_bytes(contig_in(tensor))
             r = as_bytes(recv) if recv is not None else None
+            self._remember_move(name, tensor.device, call.adapter)
             return call.finish(lambda: call.adapter.gather(s, r, root), steps, outputs)
 
     def scatter(self, out: torch.Tensor, tensor: Optional[TensorOrList] = None, root: int = 0, *, async_op: bool = False) -> Optional[Work]:
         """Give rank r block r of root's ``tensor`` (size * out.numel() elements, or a list of size tensors)."""
+        if not async_op and self._fast.movement("scatter", out, tensor, root):
+            return None
         name = "scatter"
         if self._check is not None:
             self._check.call(name, check.desc(out), f"root={root}")
@@ -338,6 +353,7 @@ class Communicator:
             steps: list[Step] = []
             r = as_bytes(contig_out(out, steps))
             s = as_bytes(send) if send is not None else None
+            self._remember_move(name, out.device, call.adapter)
             return call.finish(lambda: call.adapter.scatter(s, r, root), steps, [out])
 
     def all_to_all(
@@ -354,6 +370,8 @@ class Communicator:
         With tensors, blocks split dim 0 evenly, or by ``in_splits`` / ``out_splits``
         (rows per rank); with lists, block j is ``tensor[j]`` / ``out[j]``.
         """
+        if not async_op and out_splits is None and in_splits is None and self._fast.movement("all_to_all", tensor, out):
+            return None
         name = "all_to_all"
         if self._check is not None:
             self._check.call(name, check.kind(tensor))
@@ -394,13 +412,14 @@ class Communicator:
         with self._call(name, "alltoall" if even else "alltoallv", tensor.device, async_op, out, tensor) as call:
             steps: list[Step] = []
             s, r = as_bytes(contig_in(tensor)), as_bytes(contig_out(out, steps))
-            if overlaps(s, r):
+            if overlaps(s, r) and not (even and call.adapter.capabilities.alltoall_in_place and s.data_ptr() == r.data_ptr()):
                 s = s.clone()
             if even:
                 if self._check is not None:
                     self._check.counts(name, [nbytes(tensor) // self.size] * self.size, [nbytes(out) // self.size] * self.size)
                 if tensor.numel() == 0:
                     return call.done([out])
+                self._remember_move(name, tensor.device, call.adapter)
                 return call.finish(lambda: call.adapter.alltoall(s, r), steps, [out])
             send_counts = self._args.split_bytes(name, "in_splits", tensor, in_splits)
             recv_counts = self._args.split_bytes(name, "out_splits", out, out_splits)
@@ -411,6 +430,13 @@ class Communicator:
     # ------------------------------------------------------------------ point to point, barriers
     def send(self, tensor: torch.Tensor, peer: int, *, async_op: bool = False) -> Optional[Work]:
         """Send ``tensor`` to group rank ``peer``."""
+        if not async_op and not self._group.depth:
+            if self._fast.p2p("send", tensor, peer) is not None:
+                return None
+        else:
+            posted = self._fast.post("send", tensor, peer)
+            if posted is not None:
+                return self._posted("send", posted, tensor)
         name = "send"
         self._args.tensor(name, "tensor", tensor)
         self._args.peer(name, peer)
@@ -418,6 +444,7 @@ class Communicator:
             self._pairs.send(name, tensor, peer)
         with self._call(name, "send", tensor.device, async_op, tensor, peer=peer) as call:
             b = as_bytes(contig_in(tensor))
+            self._remember_move(name, tensor.device, call.adapter)
             return call.finish(lambda: call.adapter.send(b, peer), [], [tensor])
 
     def recv(self, tensor: torch.Tensor, peer: Optional[int] = None, *, async_op: bool = False) -> Union[Work, int, None]:
@@ -426,6 +453,14 @@ class Communicator:
         Synchronous calls return the source rank; asynchronous ones return a Work whose
         ``source_rank()`` tells it.
         """
+        if not async_op and not self._group.depth:
+            source = self._fast.p2p("recv", tensor, peer)
+            if source is not None:
+                return source
+        else:
+            posted = self._fast.post("recv", tensor, peer)
+            if posted is not None:
+                return self._posted("recv", posted, tensor)
         name = "recv"
         self._args.tensor(name, "tensor", tensor)
         self._args.writable(name, "tensor", tensor)
@@ -439,13 +474,23 @@ class Communicator:
             b = as_bytes(contig_out(tensor, steps))
             if self._pairs is not None and peer is not None:
                 steps.append(self._pairs.recv(name, tensor, peer))
+            self._remember_move(name, tensor.device, call.adapter)
             if async_op or call.group is not None:
                 return call.finish(lambda: call.adapter.recv(b, peer), steps, [tensor])
-            handle = call.adapter.recv(b, peer)
-            handle.wait()
+            source = call.adapter.recv_wait(b, peer)
             for step in steps:
                 step()
-            return peer if peer is not None else handle.source()
+            return source
+
+    def _posted(self, op: str, posted: tuple[Handle, int], tensor: torch.Tensor) -> Work:
+        """The Work of a send or recv the fast path posted (the group's, inside one)."""
+        handle, index = posted
+        work = Work(op, [handle], outputs=[tensor])
+        if index >= 0:
+            work.trace = (self.recorder, index)  # type: ignore[assignment]
+        if self._group.depth:
+            self._group.works.append(work)
+        return work
 
     def barrier(self, *, async_op: bool = False) -> Optional[Work]:
         """Block until every rank has called barrier."""
@@ -475,7 +520,7 @@ class Communicator:
         self._group.depth -= 1
         if self._group.depth:
             return Work("group")
-        self._fast.enabled = self._fast_allowed and self._closed is None
+        self._fast.enabled = self._fast.allowed
         return self._group.end(self._side)
 
     @contextmanager
@@ -537,7 +582,7 @@ class Communicator:
         """Tear down without waiting for peers, after dumping the flight recorder; every later call raises CommAborted. Never raises (failures are logged)."""
         if self._closed is None:
             self._closed = "aborted"
-            self._fast.enabled = False
+            self._fast.allowed = self._fast.enabled = False
             if self.recorder is not None:
                 flight.dump_on_abort(self.name)
                 flight.close(self.recorder)
@@ -547,7 +592,7 @@ class Communicator:
         """Release every transport (all of them: the first failure is raised afterwards); every later call raises CommAborted."""
         if self._closed is None:
             self._closed = "destroyed"
-            self._fast.enabled = False
+            self._fast.allowed = self._fast.enabled = False
             if self.recorder is not None:
                 flight.close(self.recorder)
             self._transports.close()

@@ -1,11 +1,14 @@
-"""The synchronous fast path: a call that an earlier call showed needs no lowering goes straight to its adapter.
+"""The synchronous fast path: a call that an earlier call of its kind showed needs no lowering goes straight to its adapter.
 
-A reduction whose (device, dtype, op) the adapter computed as called (no emulation, no
-dtype mapping, no copies), or an all-gather on a device whose adapter moved data
-before, skips the argument objects, the Call and the Work: about 1 us above the
-adapter on the CPU. The eligibility rule is written once, in :meth:`FastPath.run`; any
-call that fails it takes the ordinary path, which gives the same result. The flight recorder's entry is written
-inline here (one tuple of counts, dtype and a clock reading: about 0.1 us).
+Every op has one. A reduction whose (op kind, device, dtype, reduce op) the adapter
+computed as called (no emulation, no dtype mapping, no copies), or a data movement or
+send / recv on a device whose adapter ran that kind before, skips the argument objects,
+the Call and the Work: about 1-2 us above the adapter on the CPU. The eligibility rules
+are written once per family (:meth:`FastPath.reduction`, :meth:`FastPath.movement`,
+:meth:`FastPath.p2p`); any call that fails them takes the ordinary path, which gives the
+same result or the error. Adapters with ``typed_moves`` get the caller's tensors as they
+are (a uint8 view costs ~1 us). The flight recorder's entry is written inline here (one
+tuple of counts, dtype and a clock reading: about 0.1 us).
 """
 
 from __future__ import annotations
@@ -14,86 +17,111 @@ from typing import Optional
 
 import torch
 
-from ..adapters import Adapter
+from ..adapters import Adapter, Handle
 from ..flight import Recorder, failed
 from ..flight.ring import clock_ns, next_record_id
 from ..tensors import as_bytes, flat
 from ..types import ReduceOp, ReduceOpLike
 
+_strided = torch.strided
+_ROOTED = frozenset({"broadcast", "gather", "scatter"})
+_ROOTED_BLOCKS = frozenset({"gather", "scatter"})
+
+
+def _dense(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout is _strided and t.is_contiguous()
+
+
+def _apart(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The two buffers do not overlap (tensors.overlaps() inline: ~0.5 us cheaper here; devices are checked by the caller)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return not (a0 < b0 + b.nbytes and b0 < a0 + a.nbytes)
+
+
+def _in_block(part: torch.Tensor, whole: torch.Tensor, index: int) -> bool:
+    """``part`` is exactly block ``index`` of ``whole`` (NCCL's in-place layout of all_gather, gather, scatter, reduce_scatter)."""
+    return part.data_ptr() == whole.data_ptr() + index * part.nbytes
+
 
 class FastPath:
-    """The fast-path cache of one communicator; ``enabled`` is False inside a group, under FLAGCX_CHECK or FLAGCX_TRACE_STACK and once closed."""
+    """The fast-path cache of one communicator and whether it may run now (``allowed``, ``enabled``)."""
 
-    __slots__ = ("size", "enabled", "recorder", "_reduce", "_move")
+    __slots__ = ("rank", "size", "allowed", "enabled", "recorder", "_reduce", "_move", "_p2p_names")
 
-    def __init__(self, size: int, enabled: bool, recorder: Optional[Recorder] = None) -> None:
+    def __init__(self, rank: int, size: int, allowed: bool, recorder: Optional[Recorder] = None) -> None:
+        self.rank = rank
         self.size = size
-        self.enabled = enabled
+        self.allowed = allowed
+        """Not under FLAGCX_CHECK or FLAGCX_TRACE_STACK and not closed: posted send / recv may take the fast path, in groups too."""
+        self.enabled = allowed
+        """Allowed and outside a group: synchronous calls may take it."""
         self.recorder = recorder
         self._reduce: dict[tuple, tuple[Adapter, ReduceOp, bool]] = {}
-        self._move: dict[torch.device, tuple[Adapter, bool]] = {}
+        self._move: dict[tuple[str, torch.device], tuple[Adapter, bool]] = {}
+        self._p2p_names: dict[tuple[str, int], str] = {}
 
-    def remember_reduction(self, t: torch.Tensor, op: ReduceOpLike, adapter: Adapter, native: ReduceOp) -> None:
-        """Enter (device, dtype, op) (op spellings that are singletons only, so the cache stays small)."""
+    def remember_reduction(self, kind: str, t: torch.Tensor, op: ReduceOpLike, adapter: Adapter, native: ReduceOp) -> None:
+        """Enter (kind, device, dtype, op) (op spellings that are singletons only, so the cache stays small)."""
         if isinstance(op, (ReduceOp, str)) or type(op).__name__ == "RedOpType":
-            self._reduce[(t.device, t.dtype, op)] = (adapter, native, adapter.capabilities.stream_ordered)
+            self._reduce[(kind, t.device, t.dtype, op)] = (adapter, native, adapter.capabilities.stream_ordered)
 
-    def remember_move(self, device: torch.device, adapter: Adapter) -> None:
-        self._move[device] = (adapter, adapter.capabilities.stream_ordered)
+    def remember_move(self, kind: str, device: torch.device, adapter: Adapter) -> None:
+        """Enter (kind, device): data movements and send / recv, which need no dtype logic."""
+        self._move[(kind, device)] = (adapter, adapter.capabilities.stream_ordered)
 
-    def run(self, kind: str, send: torch.Tensor, recv: object, op: object = None) -> bool:
-        """Run ``kind`` (all_reduce, reduce_scatter, all_gather) synchronously if eligible; False when the ordinary path must.
+    def _begin(self, kind: str, n: int, m: int, dtype: torch.dtype, ordered: bool) -> int:
+        rec = self.recorder
+        assert rec is not None
+        i = rec.n  # Recorder.begin inline
+        rec.ring[i % rec.capacity] = (next_record_id(), i, kind, n, m, dtype, clock_ns(), ordered, None)
+        rec.n = i + 1
+        return i
+
+    def _root_ok(self, root: object) -> bool:
+        return type(root) is int and 0 <= root < self.size
+
+    def reduction(self, kind: str, send: torch.Tensor, recv: object, op: object, root: object = None) -> bool:
+        """Run all_reduce, reduce_scatter or reduce (with ``root``) synchronously if eligible; False when the ordinary path must.
 
         Eligible: enabled; the cache knows the call; dense contiguous non-empty tensors of
-        one dtype and device, sized as ``kind`` requires, not overlapping (allreduce: or
-        the very same tensor). Checked in the order that rejects a cheap miss first.
+        one dtype and device, sized as ``kind`` requires, not overlapping (all_reduce and
+        reduce: or the very same tensor; reduce_scatter: or NCCL's in-place layout).
+        Checked in the order that rejects a cheap miss first.
         """
         if not self.enabled:
             return False
         try:
-            dtype = send.dtype
-            if kind == "all_gather":
-                moved = self._move.get(send.device)
-                if moved is None:
-                    return False
-                adapter, ordered = moved
-                native = ReduceOp.SUM  # unused
-            else:
-                entry = self._reduce.get((send.device, dtype, op))
-                if entry is None:
-                    return False
-                adapter, native, ordered = entry
-        except (AttributeError, TypeError):  # not tensors, or an unhashable op
+            entry = self._reduce.get((kind, send.device, send.dtype, op))
+        except (AttributeError, TypeError):  # not a tensor, or an unhashable op
             return False
-        if send.layout is not torch.strided or not send.is_contiguous():
+        if entry is None or not _dense(send) or (kind == "reduce" and not self._root_ok(root)):
             return False
+        adapter, native, ordered = entry
         n = send.numel()
+        if not n:
+            return False
         if recv is send:
-            if kind != "all_reduce" or not n:
+            if kind == "reduce_scatter":
                 return False
-            recv, m = send, n
+            m = n
         else:
-            if not isinstance(recv, torch.Tensor) or not n or recv.dtype != dtype or not recv.is_contiguous() or recv.device != send.device:
+            if not _dense(recv):
                 return False
+            assert isinstance(recv, torch.Tensor)
             m = recv.numel()
-            if not (n == m if kind == "all_reduce" else m == n * self.size if kind == "all_gather" else n == m * self.size):
+            if recv.dtype != send.dtype or recv.device != send.device or m * (self.size if kind == "reduce_scatter" else 1) != n:
                 return False
-            # tensors.overlaps() inline: its device and size checks are done above, and calling it costs ~0.5 us here
-            s0, r0 = send.data_ptr(), recv.data_ptr()
-            if s0 < r0 + recv.nbytes and r0 < s0 + send.nbytes:  # overlapping buffers take the ordinary path
+            if not (_apart(send, recv) or (kind == "reduce_scatter" and _in_block(recv, send, self.rank))):
                 return False
         rec = self.recorder
-        if rec is not None:  # Recorder.begin inline
-            i = rec.n
-            rec.ring[i % rec.capacity] = (next_record_id(), i, kind, n, m, dtype, clock_ns(), ordered, None)
-            rec.n = i + 1
+        i = self._begin(kind, n, m, send.dtype, ordered) if rec is not None else 0
         try:
             if kind == "all_reduce":
-                adapter.allreduce(send, recv, native).wait()
+                adapter.allreduce(send, recv, native).wait()  # type: ignore[arg-type]
             elif kind == "reduce_scatter":
-                adapter.reducescatter(flat(send), flat(recv), native).wait()
+                adapter.reducescatter(flat(send), flat(recv), native).wait()  # type: ignore[arg-type]
             else:
-                adapter.allgather(as_bytes(send), as_bytes(recv)).wait()
+                adapter.reduce(flat(send), flat(recv), native, root).wait()  # type: ignore[arg-type]
         except BaseException as exc:
             if rec is not None:
                 failed(rec, i, exc)
@@ -101,3 +129,133 @@ class FastPath:
         if rec is not None:
             rec.done = i + 1
         return True
+
+    def movement(self, kind: str, mine: object, whole: object, root: object = None) -> bool:
+        """Run all_gather, all_to_all, broadcast, gather or scatter (the last three with ``root``) synchronously if eligible.
+
+        ``mine`` is this rank's buffer (the input; scatter's output; broadcast's only
+        one), ``whole`` the other: size blocks like ``mine`` (all_gather's and gather's
+        output, scatter's input; ignored off the root), all_to_all's output (as large as
+        ``mine``), None for broadcast. Eligible: enabled; the cache
+        knows (kind, device); dense contiguous non-empty tensors of one dtype and device,
+        sized as ``kind`` requires, apart or in NCCL's in-place layout (all_to_all: the same buffer).
+        """
+        if not self.enabled or not _dense(mine):
+            return False
+        assert isinstance(mine, torch.Tensor)
+        moved = self._move.get((kind, mine.device))
+        if moved is None:
+            return False
+        adapter, ordered = moved
+        n = mine.numel()
+        size, rank = self.size, self.rank
+        rooted = kind in _ROOTED
+        if not n or (rooted and not self._root_ok(root)):
+            return False
+        if kind in _ROOTED_BLOCKS and rank != root:
+            whole = None  # gather's output and scatter's input matter on the root only
+        if whole is None:
+            if not (kind == "broadcast" or (rooted and rank != root)):
+                return False
+            m = n if kind == "broadcast" else 0
+        else:
+            if kind == "broadcast" or not _dense(whole):
+                return False
+            assert isinstance(whole, torch.Tensor)
+            m = whole.numel()
+            if whole.dtype != mine.dtype or whole.device != mine.device:
+                return False
+            if kind == "all_to_all":  # in place (the very same buffer) where the adapter takes it
+                if m != n or mine.dim() == 0 or mine.shape[0] % size:
+                    return False
+                if not (_apart(mine, whole) or (adapter.capabilities.alltoall_in_place and mine.data_ptr() == whole.data_ptr())):
+                    return False
+            elif m != n * size or not (_apart(mine, whole) or _in_block(mine, whole, rank)):
+                return False
+        rec = self.recorder
+        if rec is not None:
+            i = self._begin(kind, m if kind == "scatter" else n, n if kind == "scatter" else m, mine.dtype, ordered)
+        typed = adapter.capabilities.typed_moves
+        a = mine if typed else as_bytes(mine)
+        b = whole if typed or whole is None else as_bytes(whole)  # type: ignore[arg-type]
+        try:
+            if kind == "all_gather":
+                adapter.allgather(a, b).wait()  # type: ignore[arg-type]
+            elif kind == "broadcast":
+                adapter.broadcast(a, root).wait()  # type: ignore[arg-type]
+            elif kind == "all_to_all":
+                adapter.alltoall(a, b).wait()  # type: ignore[arg-type]
+            elif kind == "gather":
+                adapter.gather(a, b, root).wait()  # type: ignore[arg-type]
+            else:
+                adapter.scatter(b, a, root).wait()  # type: ignore[arg-type]
+        except BaseException as exc:
+            if rec is not None:
+                failed(rec, i, exc)
+            raise
+        if rec is not None:
+            rec.done = i + 1
+        return True
+
+    def _p2p_adapter(self, kind: str, tensor: torch.Tensor, peer: object) -> Optional[tuple[Adapter, bool]]:
+        """The cached adapter of a send or recv of ``tensor`` with ``peer`` (an int, another rank), or None."""
+        if not _dense(tensor) or type(peer) is not int or not tensor.numel():
+            return None
+        moved = self._move.get((kind, tensor.device))
+        if moved is None or not 0 <= peer < self.size or peer == self.rank:  # type: ignore[operator]
+            return None
+        return moved
+
+    def _begin_p2p(self, kind: str, tensor: torch.Tensor, peer: int, ordered: bool) -> int:
+        """Recorder.begin's p2p entry, inline (its op names, "send 0->1", built once per peer)."""
+        rec = self.recorder
+        assert rec is not None
+        rec.p2p += 1
+        name = self._p2p_names.get((kind, peer))
+        if name is None:
+            name = self._p2p_names[(kind, peer)] = f"send {self.rank}->{peer}" if kind == "send" else f"recv {self.rank}<-{peer}"
+        n = tensor.numel()
+        return self._begin(name, n, n, tensor.dtype, ordered)
+
+    def p2p(self, kind: str, tensor: torch.Tensor, peer: object) -> Optional[int]:
+        """Run a blocking send or recv if eligible: the peer rank, or None when the ordinary path must."""
+        if not self.enabled:
+            return None
+        found = self._p2p_adapter(kind, tensor, peer)
+        if found is None:
+            return None
+        adapter, ordered = found
+        assert isinstance(peer, int)
+        rec = self.recorder
+        i = self._begin_p2p(kind, tensor, peer, ordered) if rec is not None else 0
+        t = tensor if adapter.capabilities.typed_moves else as_bytes(tensor)
+        try:
+            if kind == "send":
+                adapter.send_wait(t, peer)
+            else:
+                adapter.recv_wait(t, peer)
+        except BaseException as exc:
+            if rec is not None:
+                failed(rec, i, exc)
+            raise
+        if rec is not None:
+            rec.done = i + 1
+        return peer
+
+    def post(self, kind: str, tensor: torch.Tensor, peer: object) -> Optional[tuple[Handle, int]]:
+        """Post a send or recv on a host adapter if eligible (asynchronous or inside a group): its handle and recorder index (-1: none)."""
+        if not self.allowed:
+            return None
+        found = self._p2p_adapter(kind, tensor, peer)
+        if found is None or found[1]:  # stream-ordered adapters need the ordinary path's streams
+            return None
+        adapter = found[0]
+        assert isinstance(peer, int)
+        i = self._begin_p2p(kind, tensor, peer, False) if self.recorder is not None else -1
+        t = tensor if adapter.capabilities.typed_moves else as_bytes(tensor)
+        try:
+            return (adapter.send(t, peer) if kind == "send" else adapter.recv(t, peer)), i
+        except BaseException as exc:
+            if self.recorder is not None:
+                failed(self.recorder, i, exc)
+            raise

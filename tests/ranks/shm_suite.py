@@ -52,6 +52,9 @@ def shm_checks(rank: int, size: int) -> Iterable[Check]:
     yield "shm/p2p/any_source", lambda: _p2p_any_source(small)
     yield "shm/p2p/with_collectives", lambda: _p2p_with_collectives(comm)
     yield "shm/p2p/wait_timeout", lambda: _p2p_wait_timeout(comm)
+    yield "shm/p2p/nobody_waits", lambda: _p2p_nobody_waits(comm)
+    for dtype in (torch.float32, torch.int64, torch.bfloat16):
+        yield f"shm/fast_path/{dtype}", lambda d=dtype: _fast_paths(comm, d)
     yield "shm/alltoallv_mismatch", lambda: _alltoallv_mismatch(comm)
     yield "shm/forked_child", lambda: _forked_child(comm)
     yield "shm/mismatched_calls", lambda: _mismatched_calls(rank, size)
@@ -304,6 +307,131 @@ def _p2p_wait_timeout(comm: Communicator) -> None:
         comm.barrier()
         if r == 1:
             shm.send(as_bytes(torch.arange(5.0)), 0).wait()
+
+
+def _p2p_nobody_waits(comm: Communicator) -> None:
+    """A message larger than the ring moves while the rank that posted its half waits on something else (the store).
+
+    Rank 0 isends to rank 1, which receives blocking; then rank 1 irecvs from rank 0, which
+    sends blocking. The rank with the posted op blocks outside flagcx until its peer's
+    blocking call returned, so only its progress thread can move the ring's rest.
+    """
+    r, n = comm.rank, comm.size
+    nb = 4 * _shm(comm).ring_bytes + 13
+    data = make("p2p/undriven", 0, nb, torch.uint8)
+    store = comm._store
+    for turn in ("send", "recv"):
+        key = f"p2p/undriven/{turn}"
+        if r == 0:
+            work = comm.send(data, 1, async_op=True) if turn == "send" else None
+            got = torch.empty(nb, dtype=torch.uint8)
+            if turn == "recv":
+                work = comm.recv(got, 1, async_op=True)
+            store.wait([key])
+            assert work is not None
+            work.wait()
+            if turn == "recv":
+                assert_equal(got, data, "irecv completed while this rank waited on the store")
+        elif r == 1:
+            if turn == "send":
+                got = torch.empty(nb, dtype=torch.uint8)
+                comm.recv(got, 0)
+                assert_equal(got, data, "recv of an isend whose rank waits on the store")
+            else:
+                comm.send(data, 0)
+            store.set(key, b"1")
+    comm.barrier()
+    assert n >= 2
+
+
+def _fast_paths(comm: Communicator, dtype: torch.dtype) -> None:
+    """Every op's later calls take the fast path (the ordinary one raises here) and give the exact result.
+
+    Random data, sizes 1, 7 and 1031 elements per rank, out of place and in NCCL's in-place
+    layouts (all_to_all: one buffer), every root; send/recv around the ring.
+    """
+    n, r = comm.size, comm.rank
+
+    def refuse(op, *args, **kwargs):
+        raise AssertionError(f"{op} took the ordinary path; the fast path should have run it")
+
+    def inputs(tag: str, k: int) -> list[torch.Tensor]:
+        return [make(f"fp/{tag}", p, k, dtype) for p in range(n)]
+
+    def calls(k: int, root: int) -> None:
+        xs = inputs("ar", k)
+        out = torch.empty(k, dtype=dtype)
+        comm.all_reduce(xs[r], out=out)
+        assert_equal(out, reduce_ref(xs, "sum"), f"all_reduce {k}", True)
+        x = xs[r].clone()
+        comm.all_reduce(x)
+        assert_equal(x, reduce_ref(xs, "sum"), f"all_reduce in place {k}", True)
+        big = inputs("rs", k * n)
+        out = torch.empty(k, dtype=dtype)
+        comm.reduce_scatter(out, big[r])
+        assert_equal(out, reduce_ref(big, "sum")[r * k : (r + 1) * k], f"reduce_scatter {k}", True)
+        out = torch.full((k,), 7, dtype=dtype)
+        comm.reduce(xs[r], root, out=out)
+        assert_equal(out, reduce_ref(xs, "sum") if r == root else torch.full((k,), 7, dtype=dtype), f"reduce {k} root {root}", True)
+        gathered = torch.empty(k * n, dtype=dtype)
+        comm.all_gather(gathered, xs[r])
+        assert_equal(gathered, torch.cat(xs), f"all_gather {k}")
+        gathered = torch.empty(k * n, dtype=dtype)
+        gathered[r * k : (r + 1) * k] = xs[r]
+        comm.all_gather(gathered, gathered[r * k : (r + 1) * k])
+        assert_equal(gathered, torch.cat(xs), f"all_gather in place {k}")
+        b = xs[r].clone()
+        comm.broadcast(b, root)
+        assert_equal(b, xs[root], f"broadcast {k} root {root}")
+        g = torch.empty(k * n, dtype=dtype) if r == root else None
+        comm.gather(xs[r], g, root)
+        if g is not None:
+            assert_equal(g, torch.cat(xs), f"gather {k} root {root}")
+        s = torch.empty(k, dtype=dtype)
+        comm.scatter(s, big[root] if r == root else None, root)
+        assert_equal(s, big[root][r * k : (r + 1) * k], f"scatter {k} root {root}")
+        out = torch.empty(k * n, dtype=dtype)
+        comm.all_to_all(out, big[r])
+        exchanged = torch.cat([big[p][r * k : (r + 1) * k] for p in range(n)])
+        assert_equal(out, exchanged, f"all_to_all {k}")
+        both = big[r].clone()
+        comm.all_to_all(both, both)
+        assert_equal(both, exchanged, f"all_to_all in place {k}")
+        both = big[r].clone()
+        comm.reduce_scatter(both[r * k : (r + 1) * k], both)
+        assert_equal(both[r * k : (r + 1) * k], reduce_ref(big, "sum")[r * k : (r + 1) * k], f"reduce_scatter in place {k}", True)
+        if r == root:
+            whole = torch.empty(k * n, dtype=dtype)
+            whole[r * k : (r + 1) * k] = xs[r]
+            comm.gather(whole[r * k : (r + 1) * k], whole, root)
+            assert_equal(whole, torch.cat(xs), f"gather in place {k} root {root}")
+            whole = big[root].clone()
+            comm.scatter(whole[r * k : (r + 1) * k], whole, root)
+            assert_equal(whole, big[root], f"scatter in place {k} root {root}")
+        else:
+            comm.gather(xs[r], None, root)
+            mine = torch.empty(k, dtype=dtype)
+            comm.scatter(mine, None, root)
+            assert_equal(mine, big[root][r * k : (r + 1) * k], f"scatter {k} root {root} (in place on the root)")
+        got = torch.empty(k, dtype=dtype)
+        nxt, prv = (r + 1) % n, (r - 1) % n
+        if r % 2 == 0:
+            comm.send(xs[r], nxt)
+            assert comm.recv(got, prv) == prv
+        else:
+            assert comm.recv(got, prv) == prv
+            comm.send(xs[r], nxt)
+        assert_equal(got, xs[prv], f"send/recv {k}")
+
+    calls(5, 0)  # the ordinary path fills the fast path's cache
+    comm._call = refuse  # type: ignore[method-assign]  # this instance only
+    try:
+        for k in (1, 7, 1031):
+            for root in range(n):
+                calls(k, root)
+    finally:
+        del comm._call
+    comm.barrier()
 
 
 def _alltoallv_mismatch(comm: Communicator) -> None:
