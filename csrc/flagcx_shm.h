@@ -76,9 +76,17 @@ uint64_t fxs_ring_bytes(fxs_comm *c);
  * takes effect until the first large op starts the helpers. Returns the count in use. */
 int fxs_set_threads(fxs_comm *c, int nthreads);
 
+/* Single copy for large messages: peers read each other's buffers (process_vm_readv) instead of
+ * staging them in the segment. fxs_cma_probe: 1 when this rank can read every peer's memory (call
+ * once every rank attached); fxs_set_cma: use it from min_bytes per message or block up (0: never);
+ * every rank must set the same value (agree on the probes first). Returns the value in use. */
+int fxs_cma_probe(fxs_comm *c);
+uint64_t fxs_set_cma(fxs_comm *c, uint64_t min_bytes);
+
 /* Collectives (pointers passed as integers). In place when send == recv (allreduce, reduce,
  * alltoall; allgather: send == recv + rank * nbytes; reducescatter: recv == send + rank *
- * count * esize; gather and scatter: the root's block of the whole buffer). */
+ * count * esize; gather and scatter: the root's block of the whole buffer). An alltoall is
+ * in place on every rank or on none (a mix fails as mismatched calls). */
 int fxs_allreduce(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t count, int dtype, int op);
 int fxs_reduce(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t count, int dtype, int op,
                int root);

@@ -177,6 +177,9 @@ static void describe(uint64_t d, char *out, size_t len) {
     case OPC_ALLTOALLV:
         snprintf(out, len, "%s", name);
         break;
+    case OPC_ALLTOALL:
+        snprintf(out, len, "%s(%llu bytes%s)", name, size, root ? ", in place" : "");
+        break;
     default:
         snprintf(out, len, "%s(%llu bytes)", name, size);
     }
@@ -192,8 +195,11 @@ static int check_desc(fxs_comm *c, uint64_t step, int only) {
             char a[128], b[128];
             describe(theirs, a, sizeof a);
             describe(mine, b, sizeof b);
+            int a2a = (int)(theirs >> 56) == OPC_ALLTOALL && (int)(mine >> 56) == OPC_ALLTOALL &&
+                      ((theirs >> 32) & 0xffff) != ((mine >> 32) & 0xffff); /* in place on one side only */
             set_err(c, "rank %d called %s while this rank called %s; every rank must make the same "
-                    "collective calls in the same order with matching sizes", p, a, b);
+                    "collective calls in the same order with matching sizes%s", p, a, b,
+                    a2a ? " (an alltoall runs in place on every rank or on none)" : "");
             c->err_ranks[0] = p;
             c->err_nranks = 1;
             /* Publish it: ranks that already returned from their part (a broadcast root, a
@@ -355,6 +361,27 @@ int fxs_reducescatter(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t co
     return FXS_OK;
 }
 
+/* Whether a move of `bytes` per block goes single copy (the same verdict on every rank: cma_min is agreed). */
+static inline int single_copy(fxs_comm *c, uint64_t bytes) { return c->n > 1 && c->cma_min && bytes >= c->cma_min; }
+
+/* Single-copy step: publish `mine` (the address peers read from), wait until every rank has; the
+ * caller then reads the peers' blocks with read_peer and ends with exchange(c, -1, 0), after which
+ * no peer reads this rank's memory any more. */
+static int publish(fxs_comm *c, const void *mine) {
+    atomic_store_explicit(&c->rec[c->me].addr[(c->seq + 1) & 1], (uint64_t)(uintptr_t)mine, memory_order_relaxed);
+    return exchange(c, -1, 1);
+}
+
+static int read_peer(fxs_comm *c, int p, void *dst, uint64_t offset, size_t bytes) {
+    uint64_t base = atomic_load_explicit(&c->rec[p].addr[c->seq & 1], memory_order_relaxed);
+    int e = cma_read(c, p, dst, base + offset, bytes, 1);
+    if (!e) return FXS_OK;
+    set_err(c, "reading %zu bytes of rank %d (pid %d) out of its memory failed: %s", bytes, p, (int)c->rec[p].pid, strerror(e));
+    c->err_ranks[0] = p;
+    c->err_nranks = 1;
+    return fail_at(c, e == ESRCH ? FXS_EDEAD : FXS_ESYS, c->seq);
+}
+
 int fxs_allgather(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes) {
     const char *send = (const char *)send_;
     char *recv = (char *)recv_;
@@ -364,6 +391,12 @@ int fxs_allgather(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes
     char *mine = recv + (size_t)me * nbytes;
     if (mine != send) memmove(mine, send, nbytes);
     if (n == 1) return FXS_OK;
+    if (single_copy(c, nbytes)) {
+        if ((rc = publish(c, mine))) return rc;
+        for (int p = 0; p < n; p++)
+            if (p != me && (rc = read_peer(c, p, recv + (size_t)p * nbytes, 0, nbytes))) return rc;
+        return exchange(c, -1, 0);
+    }
     for (uint64_t off = 0; off < nbytes; off += c->half) {
         size_t k = min_sz(c->half, nbytes - off);
         if (off && (rc = wait_seq(c, c->seq, -1))) return rc;
@@ -466,8 +499,19 @@ static int alltoall_rounds(fxs_comm *c, const char *send, const uint64_t *scount
 }
 
 int fxs_alltoall(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t nbytes) {
-    int rc = op_begin(c, mkdesc(OPC_ALLTOALL, 0, 0, 0, nbytes));
+    /* In place is part of the call (root field): single copy serves out of place only (in place,
+     * peers would read what this rank overwrites), and the ranks' paths must agree. */
+    int in_place = send == recv;
+    int rc = op_begin(c, mkdesc(OPC_ALLTOALL, 0, 0, in_place, nbytes));
     if (rc) return rc;
+    if (!in_place && single_copy(c, nbytes)) {
+        int n = c->n, me = c->me;
+        memmove((char *)recv + (size_t)me * nbytes, (const char *)send + (size_t)me * nbytes, nbytes);
+        if ((rc = publish(c, (const void *)send))) return rc;
+        for (int p = 0; p < n; p++)
+            if (p != me && (rc = read_peer(c, p, (char *)recv + (size_t)p * nbytes, (uint64_t)me * nbytes, nbytes))) return rc;
+        return exchange(c, -1, 0);
+    }
     uint64_t *disp = c->disp_s, *counts = c->disp_r; /* same counts and offsets on both sides */
     for (int p = 0; p < c->n; p++) {
         disp[p] = (uint64_t)p * nbytes;

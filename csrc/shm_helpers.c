@@ -1,4 +1,5 @@
-/* flagcx shared-memory host transport: helper threads for large copies and reductions. */
+/* flagcx shared-memory host transport: helper threads for large copies and reductions, and
+ * single-copy reads from a peer's memory (cross-memory attach, process_vm_readv). */
 #include "shm_internal.h"
 
 /* ---------------------------------------------------------------- helper threads
@@ -15,6 +16,23 @@
 #define PAR_MIN_BYTES ((size_t)256 * 1024)
 #define HELPER_SPIN 8000
 
+/* process_vm_readv of [remote, remote + bytes) of pid into dst, to the end (it may stop early): 0 or an errno. */
+static int read_remote(pid_t pid, char *dst, const char *remote, size_t bytes) {
+    while (bytes) {
+        struct iovec local = {dst, bytes}, far = {(void *)remote, bytes};
+        ssize_t k = process_vm_readv(pid, &local, 1, &far, 1, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return errno ? errno : EIO;
+        }
+        if (k == 0) return EFAULT;
+        dst += k;
+        remote += k;
+        bytes -= (size_t)k;
+    }
+    return 0;
+}
+
 static void job_part(fxs_comm *c, int idx) {
     size_t per = (c->job.count + (size_t)c->nthreads - 1) / (size_t)c->nthreads;
     per = (per + 63) & ~(size_t)63;
@@ -22,6 +40,14 @@ static void job_part(fxs_comm *c, int idx) {
     if (a >= c->job.count) return;
     if (b > c->job.count) b = c->job.count;
     size_t es = c->job.es;
+    if (c->job.kind == JOB_CMA) {
+        int e = read_remote(c->job.pid, c->job.dst + a, c->job.src + a, b - a);
+        if (e) {
+            int none = 0;
+            atomic_compare_exchange_strong(&c->job_err, &none, e);
+        }
+        return;
+    }
     if (c->job.kind == JOB_COPY) {
         memcpy(c->job.dst + a * es, c->job.src + a * es, (b - a) * es);
         return;
@@ -164,6 +190,20 @@ FXS_HIDDEN void pgather(fxs_comm *c, void *dst, const void *const *srcs, size_t 
     c->job.count = count;
     c->job.es = es;
     par_run(c);
+}
+
+FXS_HIDDEN int cma_read(fxs_comm *c, int p, void *dst, uint64_t remote, size_t bytes, int split) {
+    pid_t pid = (pid_t)c->rec[p].pid;
+    if (!split || !parallel(c, bytes)) return read_remote(pid, (char *)dst, (const char *)(uintptr_t)remote, bytes);
+    atomic_store(&c->job_err, 0);
+    c->job.kind = JOB_CMA;
+    c->job.pid = pid;
+    c->job.dst = (char *)dst;
+    c->job.src = (const char *)(uintptr_t)remote;
+    c->job.count = bytes;
+    c->job.es = 1;
+    par_run(c);
+    return atomic_load(&c->job_err);
 }
 
 void release_helpers(fxs_comm *c) {

@@ -28,6 +28,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -70,6 +71,9 @@ typedef struct {
     _Atomic uint32_t p2p_wake;     /* bumped when a ring of this rank changes (data in, space freed) */
     _Atomic uint32_t p2p_sleepers; /* this rank's threads asleep on p2p_wake (peers wake only then) */
     char pad2[LINE - 8];
+    _Atomic uint64_t addr[2]; /* single-copy steps: the address peers read from, per step parity */
+    uint64_t probe;           /* address of CMA_PROBE in this process (fxs_cma_probe reads it) */
+    char pad3[LINE - 24];
 } rank_rec;
 
 typedef struct {
@@ -85,7 +89,8 @@ typedef struct {
     _Atomic uint64_t head; /* bytes written by the sender */
     char pad0[LINE - 8];
     _Atomic uint64_t tail; /* bytes consumed by the receiver */
-    char pad1[LINE - 8];
+    _Atomic uint64_t acks; /* single-copy messages the receiver has read out of the sender's memory */
+    char pad1[LINE - 16];
 } chan_ctrl;
 
 struct fxs_op {
@@ -100,13 +105,14 @@ struct fxs_op {
     uint64_t len;
     _Atomic uint64_t moved;
     int header_done;
+    uint64_t ticket; /* a single-copy send: done once the channel's acks reach it */
     int err, err_peer;
     char msg[512];
 };
 
 
 /* One job of the helper threads (shm_helpers.c): a copy, a reduction or a gather, split in ranges. */
-enum { JOB_COPY, JOB_REDUCE, JOB_GATHER };
+enum { JOB_COPY, JOB_REDUCE, JOB_GATHER, JOB_CMA };
 struct par_job {
     int kind;       /* JOB_COPY, JOB_REDUCE or JOB_GATHER */
     size_t part;    /* JOB_GATHER: elements per source part (part q comes from srcs[q]) */
@@ -116,6 +122,7 @@ struct par_job {
     fxs_reduce_fn fn;
     const void *const *srcs;
     int nsrc, avg;
+    pid_t pid; /* JOB_CMA: the process src belongs to */
 };
 
 struct helper_arg {
@@ -165,12 +172,15 @@ struct fxs_comm {
     fxs_op **sq_head, **sq_tail, **cur;
     fxs_op *rq_head, *rq_tail;
     uint64_t *shead, *rtail;
+    uint64_t *cma_sent; /* single-copy sends per peer (tickets) */
     int rr;
+    size_t cma_min; /* single-copy threshold in bytes (0: off), the same on every rank */
     /* helper threads for large copies and reductions (see "helper threads") */
     int nthreads, helpers_on;
     pthread_t *helpers;
     struct helper_arg *hargs;
     _Atomic uint32_t job_gen, job_sleepers, job_left;
+    _Atomic int job_err; /* JOB_CMA: the first errno of a range */
     _Atomic int helpers_stop;
     struct par_job job; /* the job being run (written before job_gen is bumped) */
     const void **job_part_srcs; /* nthreads x n source pointers, one row per thread */
@@ -259,6 +269,9 @@ FXS_HIDDEN void pcopy(fxs_comm *c, void *dst, const void *src, size_t bytes);
 FXS_HIDDEN void preduce(fxs_comm *c, fxs_reduce_fn fn, void *dst, const void *const *srcs, int nsrc, size_t count,
                         size_t es, int avg_n);
 FXS_HIDDEN void pgather(fxs_comm *c, void *dst, const void *const *srcs, size_t per, size_t count, size_t es);
+/* Read `bytes` at address `remote` of rank p's process into dst: 0 or an errno. `split`: over the helper threads
+ * when large (collectives only: the helpers serve the thread that runs collectives, never the p2p progress). */
+FXS_HIDDEN int cma_read(fxs_comm *c, int p, void *dst, uint64_t remote, size_t bytes, int split);
 /* Stop the helper threads and free what they used (at close). */
 FXS_HIDDEN void release_helpers(fxs_comm *c);
 

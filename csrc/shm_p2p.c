@@ -85,6 +85,10 @@ static void fail_all(fxs_comm *c, int err, int peer, const char *msg) {
     c->rq_tail = NULL;
 }
 
+/* Header bit of a single-copy message: the header holds the length and the sender's address,
+ * the receiver reads the payload out of the sender's memory and counts it in the channel's acks. */
+#define CMA_BIT (1ULL << 63)
+
 /* Advance the first send to `to`; 1 when bytes moved. */
 static int send_progress(fxs_comm *c, fxs_op *op) {
     int to = op->peer;
@@ -94,11 +98,27 @@ static int send_progress(fxs_comm *c, fxs_op *op) {
     uint64_t head = c->shead[to], tail = atomic_load_explicit(&ch->tail, memory_order_acquire);
     int moved = 0;
     if (!op->header_done) {
-        if (cap - (head - tail) < 8) return 0;
-        ring_write(ring, cap, head, (const char *)&op->len, 8);
-        head += 8;
+        int single = c->cma_min && op->len >= c->cma_min;
+        uint64_t header[2] = {op->len | (single ? CMA_BIT : 0), (uint64_t)(uintptr_t)op->buf};
+        size_t hb = single ? 16 : 8;
+        if (cap - (head - tail) < hb) return 0;
+        ring_write(ring, cap, head, (const char *)header, hb);
+        head += hb;
         op->header_done = 1;
+        if (single) op->ticket = ++c->cma_sent[to];
         moved = 1;
+    }
+    if (op->ticket) { /* single copy: done once the receiver has read it */
+        if (atomic_load_explicit(&ch->acks, memory_order_acquire) >= op->ticket) {
+            atomic_store_explicit(&op->moved, op->len, memory_order_relaxed);
+            return 1;
+        }
+        if (moved) {
+            c->shead[to] = head;
+            atomic_store_explicit(&ch->head, head, memory_order_release);
+            wake_p2p(c, to);
+        }
+        return moved;
     }
     uint64_t done = atomic_load_explicit(&op->moved, memory_order_relaxed);
     while (done < op->len) {
@@ -147,11 +167,15 @@ static int recv_progress(fxs_comm *c, int src) {
     int moved = 0;
     if (!op) {
         if (head - tail < 8 || !c->rq_head) return 0;
+        uint64_t len, addr = 0;
+        ring_read((char *)&len, ring, cap, tail, 8);
+        int single = (len & CMA_BIT) != 0;
+        len &= ~CMA_BIT;
+        if (single && head - tail < 16) return 0; /* written with the length: arrives with it */
         op = match_recv(c, src);
         if (!op) return 0;
-        uint64_t len;
-        ring_read((char *)&len, ring, cap, tail, 8);
-        tail += 8;
+        if (single) ring_read((char *)&addr, ring, cap, tail + 8, 8);
+        tail += single ? 16 : 8;
         moved = 1;
         atomic_store(&op->source, src);
         if (len != op->len) {
@@ -163,6 +187,23 @@ static int recv_progress(fxs_comm *c, int src) {
             mark_broken(c, FXS_EINVAL, msg, &r, 1, FAILED_UNKNOWN);
             op_finish(op, FXS_EINVAL, src, msg);
             op = NULL;
+        } else if (single) {
+            int e = cma_read(c, src, op->buf, addr, len, 0);
+            uint32_t st = atomic_load(&c->rec[src].state);
+            if (!e && (st == ST_CLOSED || st == ST_ABORTED)) e = ECANCELED; /* it may have freed the buffer meanwhile */
+            if (e) {
+                char msg[256];
+                snprintf(msg, sizeof msg, "reading the %llu-byte message of rank %d (pid %d) out of its memory failed: %s",
+                         (unsigned long long)len, src, (int)c->rec[src].pid,
+                         e == ECANCELED ? "it closed its communicator meanwhile" : strerror(e));
+                int r = src, code = e == ESRCH ? FXS_EDEAD : e == ECANCELED ? FXS_EPEER : FXS_ESYS;
+                mark_broken(c, code, msg, &r, 1, FAILED_UNKNOWN);
+                op_finish(op, code, src, msg);
+                op = NULL;
+            } else {
+                atomic_store_explicit(&op->moved, len, memory_order_relaxed);
+                atomic_fetch_add_explicit(&ch->acks, 1, memory_order_release);
+            }
         } else {
             c->cur[src] = op;
         }

@@ -127,6 +127,9 @@ FXS_HIDDEN int peer_problem(fxs_comm *c, int p, char *msg, size_t len) {
 
 static size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
+/* What fxs_cma_probe reads out of each peer's process: it proves that this rank may read the peer's memory. */
+static const uint64_t CMA_PROBE = 0x616d632d78636766ULL; /* "fgcx-cma" */
+
 static int comm_init(fxs_comm **out, char *base, size_t total, int rank, double timeout, uint32_t mode,
                      const char *name, char *err, size_t errlen) {
     seg_hdr *h = (seg_hdr *)base;
@@ -170,8 +173,9 @@ static int comm_init(fxs_comm **out, char *base, size_t total, int rank, double 
     c->cur = calloc(un, sizeof *c->cur);
     c->shead = calloc(un, sizeof *c->shead);
     c->rtail = calloc(un, sizeof *c->rtail);
+    c->cma_sent = calloc(un, sizeof *c->cma_sent);
     if (!c->known || !c->srcs || !c->disp_s || !c->disp_r || !c->pid_ok || !c->sq_head || !c->sq_tail ||
-        !c->cur || !c->shead || !c->rtail) {
+        !c->cur || !c->shead || !c->rtail || !c->cma_sent) {
         put_err(err, errlen, "out of memory");
         c->base = NULL; /* the caller unmaps */
         c->me = -1;
@@ -190,6 +194,7 @@ static int comm_init(fxs_comm **out, char *base, size_t total, int rank, double 
     }
     mine->pid = (int32_t)getpid();
     mine->pidns = c->my_pidns;
+    mine->probe = (uint64_t)(uintptr_t)&CMA_PROBE;
     atomic_store(&mine->seq, 0);
     atomic_store(&mine->state, ST_ATTACHED);
     if (atomic_fetch_add(&h->attached, 1) + 1 == h->nranks) shm_unlink(name);
@@ -408,6 +413,7 @@ void fxs_close(fxs_comm *c, int abort) {
     free(c->cur);
     free(c->shead);
     free(c->rtail);
+    free(c->cma_sent);
     c->base = NULL;
     c->rec = NULL;
     comm_unref(c);
@@ -434,3 +440,21 @@ uint64_t fxs_segment_bytes(fxs_comm *c) { return c->total; }
 uint64_t fxs_slot_bytes(fxs_comm *c) { return c->slot_bytes; }
 uint64_t fxs_small_bytes(fxs_comm *c) { return c->small_bytes; }
 uint64_t fxs_ring_bytes(fxs_comm *c) { return c->chan_bytes; }
+
+/* ---------------------------------------------------------------- single copy (cross-memory attach) */
+
+int fxs_cma_probe(fxs_comm *c) {
+    for (int p = 0; p < c->n; p++) {
+        if (p == c->me) continue;
+        rank_rec *r = &c->rec[p];
+        uint64_t seen = 0;
+        if (r->pid <= 0 || !c->my_pidns || r->pidns != c->my_pidns || !r->probe) return 0;
+        if (cma_read(c, p, &seen, r->probe, sizeof seen, 0) || seen != CMA_PROBE) return 0;
+    }
+    return 1;
+}
+
+uint64_t fxs_set_cma(fxs_comm *c, uint64_t min_bytes) {
+    c->cma_min = (size_t)min_bytes;
+    return c->cma_min;
+}

@@ -47,6 +47,8 @@ DEFAULT_SHM_P2P_BUFFER = 1 << 20
 """FLAGCX_SHM_P2P_BUFFER unset: ring bytes per ordered pair of ranks (less beyond 16 ranks, see SHM_P2P_BUDGET)."""
 SHM_P2P_BUDGET = 4 << 20
 """FLAGCX_SHM_P2P_BUFFER unset: ring bytes per rank over all its peers; rings shrink (to 16 KiB at least) for large groups."""
+DEFAULT_SHM_SINGLE_COPY = 1 << 20
+"""FLAGCX_SHM_SINGLE_COPY unset: messages (send/recv) and blocks (allgather, alltoall) from this many bytes are read straight out of the peer's memory."""
 
 DEFAULT_TRACE_BUFFER = 2000
 """FLAGCX_TRACE_BUFFER unset: calls each communicator's flight recorder keeps (torch's recorder keeps 2000 too)."""
@@ -72,6 +74,7 @@ VARIABLES = (
     "FLAGCX_SHM_BUFFER",
     "FLAGCX_SHM_P2P_BUFFER",
     "FLAGCX_SHM_THREADS",
+    "FLAGCX_SHM_SINGLE_COPY",
     "FLAGCX_VENDOR_BACKEND",
     "FLAGCX_DEVICE_ADAPTER",
     "FLAGCX_ADAPTER_PLUGIN",
@@ -122,6 +125,8 @@ class Config:
     """FLAGCX_SHM_THREADS: threads per rank that split the shm transport's large copies and reductions; default the rank's share of 3/4 of the cpus it may run on (at most MAX_SHM_THREADS; 1 when ranks fill the cpus)."""
     shm_p2p_buffer: int | None = None
     """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); DEFAULT_SHM_P2P_BUFFER, less beyond 16 ranks (SHM_P2P_BUDGET)."""
+    shm_single_copy: int = DEFAULT_SHM_SINGLE_COPY
+    """FLAGCX_SHM_SINGLE_COPY: from this many bytes per message or block, shm send/recv, allgather and alltoall read the data straight out of the peer's memory (cross-memory attach: one copy instead of two through the segment; used only where every rank may read every other's memory); 0 or off: never."""
     socket_ifname: str | None = None
     """FLAGCX_SOCKET_IFNAME: network interface of the inter-host transport (Gloo) and of the mpiexec rendezvous address, NCCL syntax: comma-separated name prefixes, ``=`` first for exact names, ``^`` first to exclude; the first matching interface with an IPv4 address is used."""
     vendor_backends: tuple[tuple[str, str], ...] = ()
@@ -213,6 +218,17 @@ def _parse_bytes(name: str, raw: str | None) -> int | None:
         raise ConfigError(f"{name}={raw!r} is not a byte count; write e.g. {name}=4M") from None
     if value < 1:
         raise ConfigError(f"{name}={raw!r} must be positive; write e.g. {name}=4M")
+    return value
+
+
+def _parse_threshold(name: str, raw: str | None, default: int) -> int:
+    """A byte count where 0 or ``off`` turns the feature off."""
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("0", "off"):
+        return 0
+    value = _parse_bytes(name, raw.strip())
+    assert value is not None
     return value
 
 
@@ -327,6 +343,7 @@ def _load() -> Config:
         shm_buffer=_parse_bytes("FLAGCX_SHM_BUFFER", _env("FLAGCX_SHM_BUFFER")),
         shm_p2p_buffer=_parse_bytes("FLAGCX_SHM_P2P_BUFFER", _env("FLAGCX_SHM_P2P_BUFFER")),
         shm_threads=_parse_count("FLAGCX_SHM_THREADS", _env("FLAGCX_SHM_THREADS")),
+        shm_single_copy=_parse_threshold("FLAGCX_SHM_SINGLE_COPY", _env("FLAGCX_SHM_SINGLE_COPY"), DEFAULT_SHM_SINGLE_COPY),
         vendor_backends=_parse_vendor_backends(_env("FLAGCX_VENDOR_BACKEND")),
         device_adapters=_parse_device_adapters(_env("FLAGCX_DEVICE_ADAPTER")),
         adapter_plugins=_parse_plugins(_env("FLAGCX_ADAPTER_PLUGIN")),

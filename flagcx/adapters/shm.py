@@ -13,8 +13,11 @@ RemoteError naming the late or dead rank. send/recv complete in the caller's thr
 they can (at post, or while it waits); a progress thread in C advances what nobody waits on. Large copies and reductions of a collective (256 KiB and
 up per step) are split over FLAGCX_SHM_THREADS threads per rank (default: the rank's
 share of 3/4 of the cpus it may run on, at most 8; staging grows to 4 MiB per rank then), since
-one core's memory bandwidth is a fraction of a many-core host's. After a transport error
-the adapter only raises; ``close`` still works.
+one core's memory bandwidth is a fraction of a many-core host's. From FLAGCX_SHM_SINGLE_COPY
+bytes per message or block (default 1 MiB), send/recv, allgather and alltoall read the data
+straight out of the peer's memory (process_vm_readv: one copy instead of two through the
+segment), where every rank may (probed at init; else the segment carries everything).
+After a transport error the adapter only raises; ``close`` still works.
 """
 
 from __future__ import annotations
@@ -187,6 +190,7 @@ class ShmAdapter(Adapter):
         self.small_bytes = int(_lib.fxs_small_bytes(c))
         self.ring_bytes = int(_lib.fxs_ring_bytes(c))
         self.threads = int(_lib.fxs_set_threads(c, threads))
+        self.single_copy = self._agree_single_copy(ctx, cfg.shm_single_copy, what)
         self._finalizer = weakref.finalize(self, _lib.fxs_close, c, 0)
         self._allreduce = _lib.fxs_allreduce
 
@@ -228,6 +232,21 @@ class ShmAdapter(Adapter):
         self._c = out[0]
         assert name is not None
         return name
+
+    def _agree_single_copy(self, ctx: AdapterContext, wanted: int, what: str) -> int:
+        """The single-copy threshold every rank uses: ``wanted`` where every rank can read every other's memory, else 0 (off)."""
+        if not wanted or ctx.size == 1:
+            return int(_lib.fxs_set_cma(self._c, 0))
+        mine = b"1" if _lib.fxs_cma_probe(self._c) else b"0"
+        verdicts = store_allgather(ctx.store, "shm/single_copy", ctx.rank, ctx.size, mine, ctx.timeout, what)
+        if b"0" in verdicts:
+            log.info(
+                "%s: single copy off (rank(s) %s cannot read their peers' memory: ptrace scope or seccomp)",
+                ctx.label,
+                [r for r, v in enumerate(verdicts) if v == b"0"],
+            )
+            wanted = 0
+        return int(_lib.fxs_set_cma(self._c, wanted))
 
     @staticmethod
     def _discard(c, name: Optional[str]) -> None:

@@ -368,7 +368,8 @@ class Communicator:
         """Exchange blocks: block j of ``tensor`` goes to rank j, block i of ``out`` comes from rank i.
 
         With tensors, blocks split dim 0 evenly, or by ``in_splits`` / ``out_splits``
-        (rows per rank); with lists, block j is ``tensor[j]`` / ``out[j]``.
+        (rows per rank); with lists, block j is ``tensor[j]`` / ``out[j]``. In place
+        (``out`` is ``tensor``) runs in place on every rank or on none.
         """
         if not async_op and out_splits is None and in_splits is None and self._fast.movement("all_to_all", tensor, out):
             return None

@@ -1,7 +1,8 @@
 """Checks specific to the shm transport, run inside spawned ranks (see tests/test_shm.py).
 
 Large messages through the chunked pipeline, every reduce dtype and op, sizes around
-the chunk and threshold boundaries of a communicator with small staging buffers,
+the chunk and threshold boundaries of a communicator with small staging buffers, the
+single-copy path (reads out of the peer's memory) for send/recv, allgather and alltoall,
 send/recv ordering and any-source, "auto" picking shm on one host, the segment's
 mode and unlinking, and errors that must name the offending rank (mismatched calls,
 mismatched splits, mismatched message sizes).
@@ -59,7 +60,19 @@ def shm_checks(rank: int, size: int) -> Iterable[Check]:
     yield "shm/forked_child", lambda: _forked_child(comm)
     yield "shm/mismatched_calls", lambda: _mismatched_calls(rank, size)
     yield "shm/mismatch_seen_by_receivers_only", lambda: _mismatch_reaches_root(rank, size)
+    yield "shm/alltoall_in_place_on_some", lambda: _alltoall_in_place_on_some(rank, size)
     yield "shm/p2p_size_mismatch", lambda: _p2p_size_mismatch(rank, size)
+    with flagcx_env(FLAGCX_SHM_SINGLE_COPY="1K", FLAGCX_SHM_P2P_BUFFER="8K", FLAGCX_SHM_BUFFER="64K"):
+        single = Communicator.from_env(name="shm-single")
+    with flagcx_env(FLAGCX_SHM_SINGLE_COPY="0"):
+        staged = Communicator.from_env(name="shm-staged")
+    yield "shm/single_copy/setup", lambda: _single_copy_setup(single, staged)
+    yield "shm/single_copy/movement", lambda: _boundary_movement(single)
+    yield "shm/single_copy/p2p_ordered", lambda: _p2p_ordered(single)
+    yield "shm/single_copy/fast_path", lambda: _fast_paths(single, torch.float32)
+    yield "shm/single_copy/p2p_with_collectives", lambda: _p2p_with_collectives(single)
+    yield "shm/single_copy/staged_large", lambda: _large(staged)
+    yield "shm/single_copy/destroy", lambda: (single.destroy(), staged.destroy())
     with flagcx_env(FLAGCX_SHM_THREADS="3"):
         threaded = Communicator.from_env(name="shm-threads")
     yield "shm/threads/setup", lambda: _threaded_setup(threaded)
@@ -434,6 +447,16 @@ def _fast_paths(comm: Communicator, dtype: torch.dtype) -> None:
     comm.barrier()
 
 
+def _single_copy_setup(single: Communicator, staged: Communicator) -> None:
+    """The threshold is the one asked for where every rank can read its peers' memory (probed here too), else 0; 0 asked: off."""
+    from flagcx.adapters.shm import _lib
+
+    adapter = _shm(single)
+    readable = bool(_lib.fxs_cma_probe(adapter._c))
+    assert adapter.single_copy == (1024 if readable else 0), (adapter.single_copy, readable)
+    assert _shm(staged).single_copy == 0
+
+
 def _alltoallv_mismatch(comm: Communicator) -> None:
     """Splits that disagree between ranks: every rank gets InvalidArgument, the communicator lives on."""
     n, r = comm.size, comm.rank
@@ -486,6 +509,23 @@ def _mismatched_calls(rank: int, size: int) -> None:
             assert "unusable" in str(exc), str(exc)
         else:
             raise AssertionError("a broken communicator accepted another call")
+    finally:
+        comm.destroy()
+
+
+def _alltoall_in_place_on_some(rank: int, size: int) -> None:
+    """all_to_all in place on rank 0 only: the ranks' calls differ, and each side's error names the other's."""
+    comm = Communicator.from_env(name="shm-a2a-mix")
+    try:
+        data = torch.arange(8 * size, dtype=torch.float32)
+        try:
+            comm.all_to_all(data, data) if rank == 0 else comm.all_to_all(torch.empty_like(data), data)
+        except InvalidArgument as exc:
+            text = str(exc)
+            theirs = "rank 0 called alltoall(32 bytes, in place)" if rank else "called alltoall(32 bytes)"
+            assert theirs in text and "in place on every rank or on none" in text, text
+        else:
+            raise AssertionError("an all_to_all in place on one rank only was not detected")
     finally:
         comm.destroy()
 
