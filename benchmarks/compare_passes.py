@@ -59,10 +59,20 @@ def run_pass(bench_args: list[str], checkout: Optional[str] = None) -> dict:
         subprocess.run([sys.executable, "-m", "flagcx.bench", *bench_args, "--json", path], check=True, stdout=subprocess.DEVNULL, env=env, cwd=tmp)
         with open(path) as f:
             data = json.load(f)
-    if checkout:
-        for run in data["runs"]:
-            if run["backend"] == "flagcx":
-                run["backend"] = "flagcx-before"
+    for run in data["runs"]:
+        if checkout and run["backend"] == "flagcx":
+            run["backend"] = "flagcx-before"
+    return slim(data)
+
+
+def slim(data: dict) -> dict:
+    """A pass without its per-call times and the top-level copy of the first run's rows (MBs per pass)."""
+    for run in data["runs"]:
+        for row in run["results"]:
+            for mode in ("out_of_place", "in_place"):
+                if isinstance(row.get(mode), dict):
+                    row[mode].pop("times_us", None)
+    data.pop("results", None)
     return data
 
 
@@ -120,7 +130,7 @@ def main() -> None:
         passes = []
         for path in ns.from_json:
             with open(path) as f:
-                passes.append(json.load(f))
+                passes.append(slim(json.load(f)))
         args = passes[0]["args"]
         ns.passes = len(passes)
     else:
@@ -148,7 +158,7 @@ def main() -> None:
         + (f"; flagcx-before: {ns.before} at {_commit(ns.before)}, run in every pass before this checkout" if ns.before else "")
     )
     with open(ns.out + ".json", "w") as f:
-        json.dump({"meta": meta, "summary": {m: {str(k): v for k, v in rows.items()} for m, rows in summary.items()}, "passes": passes}, f, indent=1)
+        json.dump({"meta": meta, "summary": summary, "passes": passes}, f, separators=(",", ":"))  # compact: many passes
     with open(ns.out + ".md", "w") as f:
         f.write(markdown(summary, backends, header))
     print(markdown(summary, backends, header))
