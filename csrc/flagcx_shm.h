@@ -108,6 +108,7 @@ int fxs_barrier(fxs_comm *c);
  * while it waits. The op belongs to the caller until fxs_op_release, even after close. */
 fxs_op *fxs_post(fxs_comm *c, int is_recv, int peer, uintptr_t buf, uint64_t nbytes, int waits, int *rc);
 int fxs_op_test(fxs_op *op);                  /* FXS_OK, FXS_EPENDING or the op's error */
+int fxs_op_poll(fxs_op *op);                  /* fxs_op_test after one pass over the rings (never blocks) */
 int fxs_op_wait(fxs_op *op, double timeout);  /* FXS_ETIMEOUT when still pending */
 int fxs_op_source(fxs_op *op);
 uint64_t fxs_op_progress(fxs_op *op);         /* bytes moved so far */

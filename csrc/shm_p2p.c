@@ -476,6 +476,20 @@ int fxs_op_test(fxs_op *op) {
     return st == OP_PENDING ? FXS_EPENDING : st == OP_DONE ? FXS_OK : op->err;
 }
 
+int fxs_op_poll(fxs_op *op) {
+    int rc = fxs_op_test(op);
+    if (rc != FXS_EPENDING) return rc;
+    fxs_comm *c = op->comm;
+    atomic_fetch_add(&c->users, 1);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (!atomic_load(&c->stop) && pthread_mutex_trylock(&c->plock) == 0) {
+        advance(c);
+        pthread_mutex_unlock(&c->plock);
+    }
+    atomic_fetch_sub(&c->users, 1);
+    return fxs_op_test(op);
+}
+
 /* Sleep on the op itself until it finishes or the deadline passes (the progress thread or the
  * communicator's close finishes it). */
 static int wait_finished(fxs_op *op, int64_t deadline) {

@@ -508,3 +508,17 @@ def test_plot_has_latency_and_bandwidth_panels_with_byte_ticks():
         assert fig._suptitle.get_text() == "the title" and any("backends: flagcx, gloo" in t.get_text() for t in fig.texts)
     finally:
         plt.close(fig)
+
+
+def test_vllm_peer_outside_the_vllm_venv_says_where_to_run_it():
+    """--compare ...,vllm where vLLM is not installed: a NotSupported naming the venv, before any rank touches the store."""
+    import importlib.util
+
+    from flagcx.bench.backends import make_backend
+    from flagcx.errors import NotSupported
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here; bash .ci/vllm runs the backend itself")
+    assert parse(["allreduce", "--compare", "flagcx,vllm"]).backends == ["flagcx", "vllm"]
+    with pytest.raises(NotSupported, match=r"vLLM venv \(bash \.ci/vllm"):
+        make_backend("vllm", None, 0, 1, torch.device("cpu"), 1.0)  # type: ignore[arg-type]

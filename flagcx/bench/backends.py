@@ -2,7 +2,8 @@
 
 ``flagcx``: flagcx.Communicator (engine API). ``gloo``: a raw ProcessGroupGloo and
 ``nccl``: a raw ProcessGroupNCCL, both called directly (method + ``wait()``, no
-torch.distributed wrapper). ``mpi`` lives in :mod:`flagcx.bench.mpi`.
+torch.distributed wrapper). ``mpi`` lives in :mod:`flagcx.bench.mpi`, ``vllm`` (vLLM's
+CPU communicator, where vLLM is installed) in :mod:`flagcx.bench.vllm`.
 
 Each implements :class:`~.interface.Backend`; :func:`make_backend` builds one by name.
 """
@@ -261,4 +262,8 @@ def make_backend(name: str, store: dist.Store, rank: int, size: int, device: tor
         from .mpi import MpiBackend
 
         return MpiBackend(store, rank, size, device, timeout)
+    if name == "vllm":
+        from .vllm import VllmBackend
+
+        return VllmBackend(store, rank, size, device, timeout)
     raise ValueError(f"unknown backend {name!r}")

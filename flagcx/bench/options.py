@@ -31,7 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
 OPS = ("sum", "prod", "max", "min", "avg")
 """nccl-tests reduce-op names (``-o``), in nccl-tests' ``-o all`` order."""
 
-BACKENDS = ("flagcx", "gloo", "nccl", "mpi")
+BACKENDS = ("flagcx", "gloo", "nccl", "mpi", "vllm")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flagcx-bench",
         description=textwrap.fill(
-            f"nccl-tests compatible bandwidth benchmark for flagcx, Gloo, NCCL and MPI. COLLECTIVE is one of {names}, a comma list of them, or all.",
+            f"nccl-tests compatible bandwidth benchmark for flagcx, Gloo, NCCL, MPI and vLLM's CPU communicator. COLLECTIVE is one of {names}, a comma list of them, or all.",
             width=88,
         ),
         epilog=TIMING_METHOD,
