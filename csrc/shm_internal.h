@@ -220,26 +220,21 @@ static inline void futex_wake(_Atomic uint32_t *addr, int private_) {
 
 static inline size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
-/* Wake rank p's threads asleep in a collective, if any (a full fence first: Dekker with the sleeper). */
-static inline void wake_coll(fxs_comm *c, int p) {
-    rank_rec *r = &c->rec[p];
+/* Bump `word` and wake its sleepers, if `sleepers` says there are any (a full fence first: Dekker with the sleeper). */
+static inline void wake_word(_Atomic uint32_t *sleepers, _Atomic uint32_t *word) {
     atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(&r->sleepers, memory_order_relaxed)) {
-        atomic_fetch_add(&r->wake, 1);
-        futex_wake(&r->wake, 0);
+    if (atomic_load_explicit(sleepers, memory_order_relaxed)) {
+        atomic_fetch_add(word, 1);
+        futex_wake(word, 0);
     }
 }
 
+/* Wake rank p's threads asleep in a collective, if any. */
+static inline void wake_coll(fxs_comm *c, int p) { wake_word(&c->rec[p].sleepers, &c->rec[p].wake); }
+
 /* Wake rank p's threads asleep on its p2p rings, if any. Kept apart from wake_coll: a collective
  * step must not wake a peer's progress thread, nor a ring's data a rank waiting in a collective. */
-static inline void wake_p2p(fxs_comm *c, int p) {
-    rank_rec *r = &c->rec[p];
-    atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(&r->p2p_sleepers, memory_order_relaxed)) {
-        atomic_fetch_add(&r->p2p_wake, 1);
-        futex_wake(&r->p2p_wake, 0);
-    }
-}
+static inline void wake_p2p(fxs_comm *c, int p) { wake_word(&c->rec[p].p2p_sleepers, &c->rec[p].p2p_wake); }
 
 /* Wake every sleeper of rank p (its state changed: closed, broken, mismatch). */
 static inline void wake_rank(fxs_comm *c, int p) {

@@ -45,14 +45,7 @@ static void op_finish(fxs_op *op, int err, int peer, const char *msg) {
     }
     atomic_store_explicit(&op->state, err ? OP_FAILED : OP_DONE, memory_order_release);
     if (atomic_load(&op->waiters)) futex_wake(&op->state, 1);
-    if (c->rec && c->me >= 0) {
-        rank_rec *mine = &c->rec[c->me];
-        atomic_thread_fence(memory_order_seq_cst);
-        if (atomic_load_explicit(&mine->p2p_sleepers, memory_order_relaxed)) {
-            atomic_fetch_add(&mine->p2p_wake, 1);
-            futex_wake(&mine->p2p_wake, 0);
-        }
-    }
+    if (c->rec && c->me >= 0) wake_p2p(c, c->me);
     op_unref(op);
 }
 
