@@ -44,7 +44,7 @@ THREADED_SHM_BUFFER = 4 << 20
 MAX_SHM_THREADS = 8
 """FLAGCX_SHM_THREADS unset: threads per rank are the rank's share of 3/4 of its cpus, at most this many."""
 DEFAULT_SHM_P2P_BUFFER = 1 << 20
-"""FLAGCX_SHM_P2P_BUFFER unset: ring bytes per ordered pair of ranks (less beyond 16 ranks, see SHM_P2P_BUDGET)."""
+"""FLAGCX_SHM_P2P_BUFFER unset: ring bytes per ordered pair of ranks (less beyond 5 ranks, see SHM_P2P_BUDGET)."""
 SHM_P2P_BUDGET = 4 << 20
 """FLAGCX_SHM_P2P_BUFFER unset: ring bytes per rank over all its peers; rings shrink (to 16 KiB at least) for large groups."""
 DEFAULT_SHM_SINGLE_COPY = 1 << 20
@@ -124,7 +124,7 @@ class Config:
     shm_threads: int | None = None
     """FLAGCX_SHM_THREADS: threads per rank that split the shm transport's large copies and reductions; default the rank's share of 3/4 of the cpus it may run on (at most MAX_SHM_THREADS; 1 when ranks fill the cpus)."""
     shm_p2p_buffer: int | None = None
-    """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); DEFAULT_SHM_P2P_BUFFER, less beyond 16 ranks (SHM_P2P_BUDGET)."""
+    """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); DEFAULT_SHM_P2P_BUFFER, less beyond 5 ranks (SHM_P2P_BUDGET)."""
     shm_single_copy: int = DEFAULT_SHM_SINGLE_COPY
     """FLAGCX_SHM_SINGLE_COPY: from this many bytes per message or block, shm send/recv, allgather and alltoall read the data straight out of the peer's memory (cross-memory attach: one copy instead of two through the segment; used only where every rank may read every other's memory); 0 or off: never."""
     socket_ifname: str | None = None
