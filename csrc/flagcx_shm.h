@@ -96,6 +96,10 @@ int fxs_allgather(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t nbytes);
 int fxs_broadcast(fxs_comm *c, uintptr_t buf, uint64_t nbytes, int root);
 int fxs_gather(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t nbytes, int root);
 int fxs_scatter(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t nbytes, int root);
+/* gather / scatter with the root's blocks at their own addresses (recvs[p] / sends[p]: rank p's
+ * nbytes; read on the root only, NULL elsewhere): a torch tensor list without a staging copy. */
+int fxs_gather_list(fxs_comm *c, uintptr_t send, const uint64_t *recvs, uint64_t nbytes, int root);
+int fxs_scatter_list(fxs_comm *c, const uint64_t *sends, uintptr_t recv, uint64_t nbytes, int root);
 int fxs_alltoall(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t nbytes);
 int fxs_alltoallv(fxs_comm *c, uintptr_t send, const uint64_t *send_counts, uintptr_t recv,
                   const uint64_t *recv_counts);

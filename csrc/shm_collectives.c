@@ -17,8 +17,9 @@
  */
 #include "shm_internal.h"
 
-static const char *const OPC_NAMES[] = {"?", "allreduce", "reduce", "reducescatter", "allgather",
-                                        "broadcast", "gather", "scatter", "alltoall", "alltoallv",
+/* As torch.distributed and flagcx.Communicator name them (messages quote the user's call). */
+static const char *const OPC_NAMES[] = {"?", "all_reduce", "reduce", "reduce_scatter", "all_gather",
+                                        "broadcast", "gather", "scatter", "all_to_all", "all_to_all",
                                         "barrier"};
 static const char *const DT_NAMES[] = {"float32", "float64", "float16", "bfloat16",
                                        "int8", "uint8", "int32", "int64"};
@@ -161,21 +162,23 @@ static void describe(uint64_t d, char *out, size_t len) {
     switch (opc) {
     case OPC_ALLREDUCE:
     case OPC_REDUCESCATTER:
-        snprintf(out, len, "%s(%llu x %s, %s)", name, size, DT_NAMES[dt % FXS_NUM_DTYPES],
+        snprintf(out, len, "%s(%s[%llu], %s)", name, DT_NAMES[dt % FXS_NUM_DTYPES], size,
                  RED_NAMES[red % FXS_NUM_OPS]);
         break;
     case OPC_REDUCE:
-        snprintf(out, len, "%s(%llu x %s, %s, root %d)", name, size, DT_NAMES[dt % FXS_NUM_DTYPES],
+        snprintf(out, len, "%s(%s[%llu], %s, root=%d)", name, DT_NAMES[dt % FXS_NUM_DTYPES], size,
                  RED_NAMES[red % FXS_NUM_OPS], root);
         break;
     case OPC_BROADCAST:
     case OPC_GATHER:
     case OPC_SCATTER:
-        snprintf(out, len, "%s(%llu bytes, root %d)", name, size, root);
+        snprintf(out, len, "%s(%llu bytes, root=%d)", name, size, root);
         break;
     case OPC_BARRIER:
+        snprintf(out, len, "%s()", name);
+        break;
     case OPC_ALLTOALLV:
-        snprintf(out, len, "%s", name);
+        snprintf(out, len, "%s(split sizes)", name);
         break;
     case OPC_ALLTOALL:
         snprintf(out, len, "%s(%llu bytes%s)", name, size, root ? ", in place" : "");
@@ -197,9 +200,9 @@ static int check_desc(fxs_comm *c, uint64_t step, int only) {
             describe(mine, b, sizeof b);
             int a2a = (int)(theirs >> 56) == OPC_ALLTOALL && (int)(mine >> 56) == OPC_ALLTOALL &&
                       ((theirs >> 32) & 0xffff) != ((mine >> 32) & 0xffff); /* in place on one side only */
-            set_err(c, "rank %d called %s while this rank called %s; every rank must make the same "
-                    "collective calls in the same order with matching sizes%s", p, a, b,
-                    a2a ? " (an alltoall runs in place on every rank or on none)" : "");
+            set_err(c, "rank %d called %s while this rank called %s; every rank must call the same "
+                    "collectives, with matching dtypes, sizes, roots and reduce ops, in the same order%s",
+                    p, a, b, a2a ? " (an all_to_all runs in place on every rank or on none)" : "");
             c->err_ranks[0] = p;
             c->err_nranks = 1;
             /* Publish it: ranks that already returned from their part (a broadcast root, a
@@ -427,13 +430,14 @@ int fxs_broadcast(fxs_comm *c, uintptr_t buf_, uint64_t nbytes, int root) {
     return FXS_OK;
 }
 
-int fxs_gather(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes, int root) {
-    const char *send = (const char *)send_;
-    char *recv = (char *)recv_;
+#define BLOCK(blocks, p) ((char *)(uintptr_t)(blocks)[p])
+
+/* gather into the root's block addresses (blocks[p]: rank p's nbytes; unread off the root). */
+static int gather_blocks(fxs_comm *c, const char *send, const uint64_t *blocks, uint64_t nbytes, int root) {
     int rc = op_begin(c, mkdesc(OPC_GATHER, 0, 0, root, nbytes));
     if (rc) return rc;
     int n = c->n, me = c->me;
-    if (me == root) memmove(recv + (size_t)me * nbytes, send, nbytes);
+    if (me == root) memmove(BLOCK(blocks, me), send, nbytes);
     if (n == 1) return FXS_OK;
     for (uint64_t off = 0; off < nbytes; off += c->half) {
         size_t k = min_sz(c->half, nbytes - off);
@@ -445,18 +449,17 @@ int fxs_gather(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes, i
         }
         if ((rc = exchange(c, -1, off == 0))) return rc;
         for (int p = 0; p < n; p++)
-            if (p != me) memcpy(recv + (size_t)p * nbytes + off, slot(c, p, c->seq), k);
+            if (p != me) memcpy(BLOCK(blocks, p) + off, slot(c, p, c->seq), k);
     }
     return FXS_OK;
 }
 
-int fxs_scatter(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes, int root) {
-    const char *send = (const char *)send_;
-    char *recv = (char *)recv_;
+/* scatter from the root's block addresses (blocks[p]: rank p's nbytes; unread off the root). */
+static int scatter_blocks(fxs_comm *c, const uint64_t *blocks, char *recv, uint64_t nbytes, int root) {
     int rc = op_begin(c, mkdesc(OPC_SCATTER, 0, 0, root, nbytes));
     if (rc) return rc;
     int n = c->n, me = c->me;
-    if (me == root) memmove(recv, send + (size_t)me * nbytes, nbytes);
+    if (me == root) memmove(recv, BLOCK(blocks, me), nbytes);
     if (n == 1) return FXS_OK;
     size_t w = (c->half / (size_t)n) & ~(size_t)63;
     for (uint64_t off = 0; off < nbytes; off += w) {
@@ -465,7 +468,7 @@ int fxs_scatter(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes, 
             if (off && (rc = wait_seq(c, c->seq, -1))) return rc;
             char *dst = slot(c, me, c->seq + 1);
             for (int p = 0; p < n; p++)
-                if (p != me) memcpy(dst + (size_t)p * w, send + (size_t)p * nbytes + off, k);
+                if (p != me) memcpy(dst + (size_t)p * w, BLOCK(blocks, p) + off, k);
             post(c);
         } else {
             if ((rc = exchange(c, root, off == 0))) return rc;
@@ -473,6 +476,29 @@ int fxs_scatter(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t nbytes, 
         }
     }
     return FXS_OK;
+}
+
+/* The root's blocks of one whole buffer, in the comm's scratch array (gather and scatter use no other). */
+static const uint64_t *whole_blocks(fxs_comm *c, uintptr_t whole, uint64_t nbytes, int root) {
+    if (c->me == root)
+        for (int p = 0; p < c->n; p++) c->disp_s[p] = (uint64_t)whole + (uint64_t)p * nbytes;
+    return c->disp_s;
+}
+
+int fxs_gather(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t nbytes, int root) {
+    return gather_blocks(c, (const char *)send, whole_blocks(c, recv, nbytes, root), nbytes, root);
+}
+
+int fxs_scatter(fxs_comm *c, uintptr_t send, uintptr_t recv, uint64_t nbytes, int root) {
+    return scatter_blocks(c, whole_blocks(c, send, nbytes, root), (char *)recv, nbytes, root);
+}
+
+int fxs_gather_list(fxs_comm *c, uintptr_t send, const uint64_t *recvs, uint64_t nbytes, int root) {
+    return gather_blocks(c, (const char *)send, recvs, nbytes, root);
+}
+
+int fxs_scatter_list(fxs_comm *c, const uint64_t *sends, uintptr_t recv, uint64_t nbytes, int root) {
+    return scatter_blocks(c, sends, (char *)recv, nbytes, root);
 }
 
 /* Exchange rounds of alltoall(v): in round r, rank p stages bytes [r*w, r*w + w) of its

@@ -6,7 +6,10 @@ engine-facing :class:`Communicator` works without torch.distributed's global sta
 
 from __future__ import annotations
 
-from . import config
+from . import (
+    _torch_first,  # noqa: F401  (before anything: torch takes seconds to import)
+    config,
+)
 from .config import DEFAULT_TIMEOUT
 from .core.communicator import Communicator
 from .errors import (

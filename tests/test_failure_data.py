@@ -20,7 +20,7 @@ from flagcx.hetero.failures import comm_peers, in_comm_text, with_peer_failures
 def _hetero(store: dist.Store, rank: int) -> SimpleNamespace:
     """The parts of a HeteroAdapter the failure chain reads: communicator 'job' of global ranks 10-13, lane 'job.inter' = ranks 0 and 2."""
     lanes = [SimpleNamespace(name="job.inter", global_ranks=[10, 12]), SimpleNamespace(name="job.A", global_ranks=[10, 11])]
-    ctx = SimpleNamespace(store=store, timeout=5.0, label="job", global_ranks=[10, 11, 12, 13])
+    ctx = SimpleNamespace(store=store, timeout=5.0, label="job", where="communicator job", global_ranks=[10, 11, 12, 13])
     return SimpleNamespace(ctx=ctx, rank=rank, size=4, lanes=SimpleNamespace(sets=lambda: lanes))
 
 
@@ -34,7 +34,7 @@ def test_the_chain_follows_data_not_words():
     text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc), peers)
     assert blamed == (3,), f"the chain should end at rank 3, got {blamed}"
     assert cls is FlagcxTimeout, "a peer's timeout is what this rank's cascade comes from"
-    assert "job (inter): the other side went away [in job: rank 2 (global 12)]" in text
+    assert "communicator job (inter): the other side went away [in communicator job: rank 2 (global 12)]" in text
     assert "rank 2 (global 12) was failing too: no news from the far side" in text
     assert json.loads(store.get("failure/0"))["peers"] == [2]
 
@@ -45,7 +45,7 @@ def test_a_dead_peer_ends_the_chain_without_waiting():
     exc = FlagcxError("gone", peers=[0], cause=Cause.DIED, comm="job.A")
     peers = comm_peers(adapter, exc)
     text, cls, blamed = with_peer_failures(adapter, exc, in_comm_text(adapter, exc), peers)
-    assert peers == (0,) and blamed == (0,) and cls is FlagcxError and "[in job: rank 0 (global 10)]" in text
+    assert peers == (0,) and blamed == (0,) and cls is FlagcxError and "[in communicator job: rank 0 (global 10)]" in text
 
 
 def test_blamed_ranks_named_in_the_text_are_renamed_others_are_not():

@@ -303,7 +303,7 @@ def _collective_timeout(comm: Communicator) -> None:
         except FlagcxTimeout as exc:
             elapsed = time.monotonic() - start
             text = str(exc)
-            assert "allreduce on mpitest" in text and f"rank {comm.rank}" in text and "unusable" in text, text
+            assert "allreduce on communicator mpitest" in text and f"rank {comm.rank}" in text and "unusable" in text, text
         else:
             raise AssertionError("an all_reduce that a rank skipped did not time out")
         assert SHORT_TIMEOUT * 0.99 <= elapsed < SHORT_TIMEOUT + 5, f"timed out after {elapsed:.2f} s, timeout {SHORT_TIMEOUT} s"

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 
+from ..errors import NotSupported
 from ..topology.detect import PeerRecord
 from ..types import ReduceOp
 
@@ -72,6 +73,8 @@ class Capabilities:
     """Data-movement ops accept contiguous tensors of any dtype (sizes in bytes: ``nbytes``), not only uint8 views."""
     alltoall_in_place: bool = False
     """alltoall accepts the same tensor as send and recv (the core otherwise copies the input first)."""
+    block_lists: bool = False
+    """gather_list / scatter_list take the root's blocks as separate tensors (a torch tensor list, no staging copy)."""
 
 
 class Handle(abc.ABC):
@@ -173,9 +176,16 @@ class AdapterContext:
     """Seconds any blocking wait may last before raising FlagcxTimeout."""
     device: torch.device
     label: str = "flagcx"
-    """Name used in error messages (the communicator / group name)."""
+    """The communicator's name: its identity in errors' ``comm`` and in logs."""
     global_ranks: list[int] = field(default_factory=list)
     """Global rank of each member, for error messages."""
+    title: str = ""
+    """The group as its user knows it, for messages ("the default group", "the group of ranks 0, 2"); empty: "communicator <label>"."""
+
+    @property
+    def where(self) -> str:
+        """The group for a message: its title, else ``communicator <label>``."""
+        return self.title or f"communicator {self.label}"
 
     def peer_name(self, rank: int) -> str:
         if self.global_ranks and 0 <= rank < len(self.global_ranks) and self.global_ranks[rank] != rank:
@@ -228,6 +238,14 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
         """send (size * recv.numel() bytes) is given on root only."""
+
+    def gather_list(self, send: torch.Tensor, recvs: Optional[Sequence[torch.Tensor]], root: int) -> Handle:
+        """gather into root's ``size`` contiguous tensors of send's dtype and numel (given on root only); adapters with ``block_lists``."""
+        raise NotSupported(f"adapter {self.name} has no gather into a tensor list", op="gather", rank=self.rank)
+
+    def scatter_list(self, sends: Optional[Sequence[torch.Tensor]], recv: torch.Tensor, root: int) -> Handle:
+        """scatter from root's ``size`` contiguous tensors of recv's dtype and numel (given on root only); adapters with ``block_lists``."""
+        raise NotSupported(f"adapter {self.name} has no scatter from a tensor list", op="scatter", rank=self.rank)
 
     @abc.abstractmethod
     def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:

@@ -71,7 +71,7 @@ def gloo_device(ctx: AdapterContext) -> Optional[ProcessGroupGloo.Device]:
     """The Gloo device (interface) to bind, or None for torch's default (see the module docstring)."""
     spec = get_config().socket_ifname
     if spec:
-        name, addr = select_interface(spec, op=f"creating the Gloo transport of {ctx.label}", rank=ctx.rank)
+        name, addr = select_interface(spec, op=f"creating the Gloo transport of {ctx.where}", rank=ctx.rank)
         log.info("%s: rank %d binds Gloo to %s (%s) from FLAGCX_SOCKET_IFNAME", ctx.label, ctx.rank, name, addr)
         return ProcessGroupGloo.create_device(interface=name)
     if os.environ.get("GLOO_SOCKET_IFNAME") or hostname_address() is not None:
@@ -156,20 +156,20 @@ class GlooAdapter(TorchPGAdapter):
             raise
         except Exception as exc:
             report = self._peers.explain()
-            raise translate_error(exc, f"creating the Gloo transport of {ctx.label}", ctx.timeout, ctx.rank, report, self._peers.blamed, ctx.label) from exc
+            raise translate_error(exc, f"creating the Gloo transport of {ctx.where}", ctx.timeout, ctx.rank, report, self._peers.blamed, ctx.label) from exc
 
     def _call(self, op: str, method: str, *args: Any) -> Any:
         """Start an op on the backend; CommAborted once an op failed or the adapter was closed; failing to start (a peer gone) is the op's failure."""
         pg = self._pg
         if pg is None or self._broken is not None:
-            raise CommAborted(self._broken or f"the Gloo transport of {self.ctx.label} is closed; create a new communicator", rank=self.rank)
+            raise CommAborted(self._broken or f"the Gloo transport of {self.ctx.where} is closed; create a new communicator", rank=self.rank)
         try:
             return getattr(pg, method)(*args)
         except Exception as exc:
-            raise self._failure(exc, f"{op} on {self.ctx.label}", self.ctx.timeout, not op.startswith(("send", "recv"))) from exc
+            raise self._failure(exc, f"{op} on {self.ctx.where}", self.ctx.timeout, not op.startswith(("send", "recv"))) from exc
 
     def _post(self, op: str, work: Any) -> Handle:
-        return GlooHandle(work, f"{op} on {self.ctx.label}", self, not op.startswith(("send", "recv")))
+        return GlooHandle(work, f"{op} on {self.ctx.where}", self, not op.startswith(("send", "recv")))
 
     def _failure(self, exc: BaseException, what: str, limit: float, collective: bool) -> FlagcxError:
         """The FlagcxError for a failed op (naming the missing peers of a collective).
@@ -178,7 +178,7 @@ class GlooAdapter(TorchPGAdapter):
         close, so peers blocked on this rank fail now instead of at their timeout.
         """
         if self._broken is None:
-            self._broken = f"the Gloo transport of {self.ctx.label} is unusable after '{what}' failed; abort this communicator and create a new one"
+            self._broken = f"the Gloo transport of {self.ctx.where} is unusable after '{what}' failed; abort this communicator and create a new one"
             self.abort()
         if not collective:
             return translate_error(exc, what, limit, self.rank, comm=self.ctx.label)

@@ -211,7 +211,7 @@ class MpiAdapter(Adapter):
 
     def __init__(self, ctx: AdapterContext) -> None:
         super().__init__(ctx)
-        what = f"creating the MPI transport of {ctx.label}"
+        what = f"creating the MPI transport of {ctx.where}"
         MPI = _load_mpi()
         world = MPI.COMM_WORLD
         mine = f"{world.Get_rank()},{world.Get_size()}".encode()
@@ -304,10 +304,10 @@ class MpiAdapter(Adapter):
 
     def _what(self, op: str, peer: Optional[int]) -> str:
         if op == "send" and peer is not None:
-            return f"send to {self.ctx.peer_name(peer)} on {self.ctx.label}"
+            return f"send to {self.ctx.peer_name(peer)} on {self.ctx.where}"
         if op == "recv":
-            return f"recv from {'any source' if peer is None else self.ctx.peer_name(peer)} on {self.ctx.label}"
-        return f"{op} on {self.ctx.label}"
+            return f"recv from {'any source' if peer is None else self.ctx.peer_name(peer)} on {self.ctx.where}"
+        return f"{op} on {self.ctx.where}"
 
     def _mpi_error(self, op: str, peer: Optional[int], exc: Any) -> FlagcxError:
         text = exc.Get_error_string().strip()
@@ -335,7 +335,7 @@ class MpiAdapter(Adapter):
                     rank=self.rank,
                 )
         self._orphans.append((req, handle._keep))  # MPI may still write into these buffers
-        self._broken = f"the MPI communicator of {self.ctx.label} is unusable after '{what}' timed out; destroy this communicator and create a new one"
+        self._broken = f"the MPI communicator of {self.ctx.where} is unusable after '{what}' timed out; destroy this communicator and create a new one"
         peers = self._peers.explain("timed out") if handle._op != "send" else ""
         raise FlagcxTimeout(
             f"{what}: not complete within {limit:g} s ({peers or 'a peer crashed, did not call it, or is blocked in another call'}); "
@@ -449,7 +449,7 @@ class MpiAdapter(Adapter):
 
     def close(self) -> None:
         if self._broken is None:
-            self._broken = f"the MPI communicator of {self.ctx.label} was closed; create a new communicator"
+            self._broken = f"the MPI communicator of {self.ctx.where} was closed; create a new communicator"
         if self._comm != _MPI.COMM_NULL and not _MPI.Is_finalized():
             # Freeing is local (it makes self._comm COMM_NULL); MPI keeps the communicator until
             # timed-out (orphaned) requests complete.

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -129,7 +129,7 @@ class ShmHandle(Handle):
         if rc == _lib.FXS_ETIMEOUT:
             moved = _lib.fxs_op_progress(self._op)
             raise FlagcxTimeout(
-                f"{self.what} on communicator {self._adapter.ctx.label} did not finish within {limit:g} s "
+                f"{self.what} on {self._adapter.ctx.where} did not finish within {limit:g} s "
                 f"({moved} of {self._tensor.nbytes if self._tensor is not None else 0} bytes moved); the peer is alive but has not posted "
                 "the matching call (or is blocked elsewhere)",
                 rank=self._adapter.rank,
@@ -155,6 +155,7 @@ class ShmAdapter(Adapter):
         any_source=True,
         typed_moves=True,
         alltoall_in_place=True,
+        block_lists=True,
     )
 
     @classmethod
@@ -179,10 +180,11 @@ class ShmAdapter(Adapter):
         threads = cfg.shm_threads or default_threads(ctx.size)
         slot = cfg.shm_buffer or (config.THREADED_SHM_BUFFER if threads > 1 else config.DEFAULT_SHM_BUFFER)
         ring = cfg.shm_p2p_buffer or max(16 << 10, min(config.DEFAULT_SHM_P2P_BUFFER, config.SHM_P2P_BUDGET // max(1, ctx.size - 1)))
-        what = f"creating the shm transport of {ctx.label}"
+        what = f"creating the shm transport of {ctx.where}"
         self._c = None
         self._inflight: list[ShmHandle] = []  # keeps tensors alive while the progress thread may use them
         self._sweep_at = 64
+        self._blocks = _ffi.new("uint64_t[]", ctx.size)
         self.segment_name = self._open(ctx, slot, ring, what)
         c = self._c
         self.segment_mode = int(_lib.fxs_segment_mode(c))
@@ -260,7 +262,7 @@ class ShmAdapter(Adapter):
     def _comm(self, op: str):
         c = self._c
         if c is None:
-            raise CommAborted(f"the shm transport of {self.ctx.label} is closed", op=op, rank=self.rank)
+            raise CommAborted(f"the shm transport of {self.ctx.where} is closed", op=op, rank=self.rank)
         return c
 
     def _mapping_note(self, ranks: list[int]) -> str:
@@ -277,14 +279,14 @@ class ShmAdapter(Adapter):
         note = self._mapping_note(peers)
         code = int(_lib.fxs_broken(c)) if rc == _lib.FXS_EBROKEN else rc
         cls = _ERRORS.get(code, FlagcxError)
-        return cls(f"communicator {self.ctx.label}: {text}{note}", op=op, rank=self.rank, peers=peers, cause=_CAUSES.get(code), comm=self.ctx.label)
+        return cls(f"{self.ctx.where}: {text}{note}", op=op, rank=self.rank, peers=peers, cause=_CAUSES.get(code), comm=self.ctx.label)
 
     def _op_error(self, rc: int, op, what: str) -> FlagcxError:
         peer = int(_lib.fxs_op_error_peer(op))
         note = self._mapping_note([peer]) if peer >= 0 else ""
         cls = CommAborted if rc == _lib.FXS_EBROKEN else _ERRORS.get(rc, FlagcxError)
         return cls(
-            f"{what} on communicator {self.ctx.label}: {_text(_lib.fxs_op_error(op))}{note}",
+            f"{what} on {self.ctx.where}: {_text(_lib.fxs_op_error(op))}{note}",
             rank=self.rank,
             peers=[peer] if peer >= 0 else [],
             cause=_CAUSES.get(rc),
@@ -295,10 +297,10 @@ class ShmAdapter(Adapter):
     def allreduce(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
         c = self._c
         if c is None:
-            self._comm("allreduce")
+            self._comm("all_reduce")
         rc = self._allreduce(c, send.data_ptr(), recv.data_ptr(), send.numel(), _DTYPES[send.dtype], _OPS[op])
         if rc:
-            raise self._error(rc, "allreduce")
+            raise self._error(rc, "all_reduce")
         return DONE
 
     def _call(self, op: str, fn: Callable[..., int], *args: object) -> Handle:
@@ -312,10 +314,10 @@ class ShmAdapter(Adapter):
         return self._call("reduce", _lib.fxs_reduce, send.data_ptr(), recv.data_ptr(), send.numel(), _DTYPES[send.dtype], _OPS[op], root)
 
     def reducescatter(self, send: torch.Tensor, recv: torch.Tensor, op: ReduceOp) -> Handle:
-        return self._call("reducescatter", _lib.fxs_reducescatter, send.data_ptr(), recv.data_ptr(), recv.numel(), _DTYPES[send.dtype], _OPS[op])
+        return self._call("reduce_scatter", _lib.fxs_reducescatter, send.data_ptr(), recv.data_ptr(), recv.numel(), _DTYPES[send.dtype], _OPS[op])
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        return self._call("allgather", _lib.fxs_allgather, send.data_ptr(), recv.data_ptr(), send.nbytes)
+        return self._call("all_gather", _lib.fxs_allgather, send.data_ptr(), recv.data_ptr(), send.nbytes)
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> Handle:
         return self._call("broadcast", _lib.fxs_broadcast, tensor.data_ptr(), tensor.nbytes, root)
@@ -326,13 +328,28 @@ class ShmAdapter(Adapter):
     def scatter(self, send: Optional[torch.Tensor], recv: torch.Tensor, root: int) -> Handle:
         return self._call("scatter", _lib.fxs_scatter, send.data_ptr() if send is not None else 0, recv.data_ptr(), recv.nbytes, root)
 
+    def gather_list(self, send: torch.Tensor, recvs: Optional[Sequence[torch.Tensor]], root: int) -> Handle:
+        blocks = self._addresses(recvs) if recvs is not None else _ffi.NULL
+        return self._call("gather", _lib.fxs_gather_list, send.data_ptr(), blocks, send.nbytes, root)
+
+    def scatter_list(self, sends: Optional[Sequence[torch.Tensor]], recv: torch.Tensor, root: int) -> Handle:
+        blocks = self._addresses(sends) if sends is not None else _ffi.NULL
+        return self._call("scatter", _lib.fxs_scatter_list, blocks, recv.data_ptr(), recv.nbytes, root)
+
+    def _addresses(self, tensors: Sequence[torch.Tensor]):
+        """The tensors' addresses in this adapter's one uint64_t array (calls on a communicator run one at a time)."""
+        blocks = self._blocks
+        for i, t in enumerate(tensors):
+            blocks[i] = t.data_ptr()
+        return blocks
+
     def alltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
-        return self._call("alltoall", _lib.fxs_alltoall, send.data_ptr(), recv.data_ptr(), send.nbytes // self.size)
+        return self._call("all_to_all", _lib.fxs_alltoall, send.data_ptr(), recv.data_ptr(), send.nbytes // self.size)
 
     def alltoallv(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor, recv_counts: list[int]) -> Handle:
         sends = _ffi.new("uint64_t[]", [int(x) for x in send_counts])
         recvs = _ffi.new("uint64_t[]", [int(x) for x in recv_counts])
-        return self._call("alltoallv", _lib.fxs_alltoallv, send.data_ptr(), sends, recv.data_ptr(), recvs)
+        return self._call("all_to_all", _lib.fxs_alltoallv, send.data_ptr(), sends, recv.data_ptr(), recvs)
 
     def barrier(self) -> Handle:
         return self._call("barrier", _lib.fxs_barrier)

@@ -224,7 +224,7 @@ class TorchPGAdapter(Adapter):
         except FlagcxError:
             raise
         except Exception as exc:
-            raise FlagcxError(f"creating c10d backend {self.backend!r} for {ctx.label} failed: {_first_line(exc)}", op="init", rank=ctx.rank) from exc
+            raise FlagcxError(f"creating c10d backend {self.backend!r} for {ctx.where} failed: {_first_line(exc)}", op="init", rank=ctx.rank) from exc
         if not isinstance(self._pg, (c10d.Backend, c10d.ProcessGroup)):
             raise FlagcxError(
                 f"the creator registered for c10d backend {self.backend!r} returned {type(self._pg).__name__}, not a c10d Backend or ProcessGroup",
@@ -268,7 +268,7 @@ class TorchPGAdapter(Adapter):
         except FlagcxError:
             raise
         except dist.DistError as exc:
-            raise _wait_error(exc, f"{op} on {self.ctx.label} (c10d backend {self.backend!r})", self.ctx.timeout, self.rank) from exc
+            raise _wait_error(exc, f"{op} on {self.ctx.where} (c10d backend {self.backend!r})", self.ctx.timeout, self.rank) from exc
         except Exception as exc:
             raise NotSupported(
                 f"c10d backend {self.backend!r} rejected {op} ({_first_line(exc)}); use dtypes / ops it supports or another adapter",
@@ -281,7 +281,7 @@ class TorchPGAdapter(Adapter):
         if work is None:  # an op inside the backend's coalescing; the group's work covers it
             return DONE
         if not self._on_device:
-            return WorkHandle(work, f"{op} on {self.ctx.label}", self.ctx.timeout, self.rank)
+            return WorkHandle(work, f"{op} on {self.ctx.where}", self.ctx.timeout, self.rank)
         if self._depth and self._coalescing:
             return DONE
         self._device_wait(work, op)
@@ -293,7 +293,7 @@ class TorchPGAdapter(Adapter):
         except FlagcxError:
             raise
         except Exception as exc:
-            raise _wait_error(exc, f"{op} on {self.ctx.label} (c10d backend {self.backend!r})", self.ctx.timeout, self.rank) from exc
+            raise _wait_error(exc, f"{op} on {self.ctx.where} (c10d backend {self.backend!r})", self.ctx.timeout, self.rank) from exc
 
     def _coalesce(self, op: str, method: str) -> Any:
         """``_start_coalescing`` / ``_end_coalescing``: a c10d Backend takes no argument, a ProcessGroup the device."""

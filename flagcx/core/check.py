@@ -56,12 +56,28 @@ def op_label(op: object) -> str:
     return str(getattr(getattr(op, "op", op), "name", op)).lower()
 
 
+MISMATCH_FIX = "every rank must call the same collectives, with matching dtypes, sizes, roots and reduce ops, in the same order"
+"""The fix every mismatch message ends with (the shm transport's check says the same)."""
+
+
+def mismatch(calls: Sequence[str], me: int) -> str:
+    """``rank 1 called X while this rank called Y; <fix>``: the other ranks' calls, grouped by call, against this rank's."""
+    others: dict[str, list[int]] = {}
+    for r, c in enumerate(calls):
+        if c != calls[me]:
+            others.setdefault(c, []).append(r)
+    parts = [f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))} called {c}" for c, rs in others.items()]
+    return f"{' and '.join(parts)} while this rank called {calls[me]}; {MISMATCH_FIX}"
+
+
 class CallCheck:
     """The FLAGCX_CHECK exchanges of one communicator (``allgather(op, mine)``: every rank's small CPU tensor, in rank order)."""
 
-    def __init__(self, rank: int, size: int, allgather: Callable[[str, torch.Tensor], torch.Tensor], pairs: PairCheck) -> None:
+    def __init__(self, rank: int, size: int, allgather: Callable[[str, torch.Tensor], torch.Tensor], pairs: PairCheck, title: str) -> None:
         self.rank = rank
         self.size = size
+        self.title = title
+        """The group as its user knows it, for messages."""
         self._allgather = allgather
         self._pairs = pairs
         self._seq = 0
@@ -88,13 +104,7 @@ class CallCheck:
                 rank=self.rank,
             )
         if any(c != calls[0] for c in calls):
-            detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
-            raise InvalidArgument(
-                f"ranks called different collectives ({detail}); every rank must call the same collectives, "
-                "with matching dtypes, sizes, roots and reduce ops, in the same order",
-                op=op,
-                rank=self.rank,
-            )
+            raise InvalidArgument(f"{self.title}: {mismatch(calls, self.rank)}", op=op, rank=self.rank)
 
     def counts(self, op: str, send_counts: Sequence[int], recv_counts: Sequence[int]) -> None:
         """all_to_all: what rank i sends to rank j must be what rank j expects from rank i (every pair is checked on every rank)."""
@@ -108,7 +118,7 @@ class CallCheck:
         ]
         if bad:
             raise InvalidArgument(
-                f"all_to_all split sizes do not match between ranks ({'; '.join(bad[:8])}{'; ...' if len(bad) > 8 else ''}); "
+                f"{self.title}: all_to_all split sizes do not match between ranks ({'; '.join(bad[:8])}{'; ...' if len(bad) > 8 else ''}); "
                 "rank j's output split i must equal rank i's input split j",
                 op=op,
                 rank=self.rank,

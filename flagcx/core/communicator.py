@@ -82,6 +82,7 @@ class Communicator:
         timeout: Union[None, float, timedelta] = None,
         name: str = "flagcx",
         global_ranks: Optional[Sequence[int]] = None,
+        title: str = "",
         _records: Optional[list[PeerRecord]] = None,
         _device_adapters: Optional[dict[str, Adapter]] = None,
     ) -> None:
@@ -91,6 +92,8 @@ class Communicator:
         self.rank = rank
         self.size = size
         self.name = name
+        self.title = title or f"communicator {name}"
+        """The group as its user knows it, in messages ("the default group", "the group of ranks 0, 2"); see :meth:`retitle`."""
         self.timeout = config.resolve_timeout(_seconds(timeout))
         self.global_ranks = list(global_ranks) if global_ranks else list(range(size))
         self._store = store
@@ -100,11 +103,19 @@ class Communicator:
         self._group = GroupState()
         self._sides: dict[str, SideStream] = {}
         self._pairs = check.PairCheck(rank, store, self.timeout) if cfg.check else None
-        self._check = check.CallCheck(rank, size, self._host_allgather, self._pairs) if self._pairs is not None else None
+        self._check = check.CallCheck(rank, size, self._host_allgather, self._pairs, self.title) if self._pairs is not None else None
         self._monitored = monitored.MonitoredBarrier(store, rank, size)
         self._records = _records if _records is not None else exchange_records(store, rank, size, self.timeout, f"init of {name}")
         self.topology, self.clusters, self._transports = open_transports(
-            store, rank, size, self._records, name=name, timeout=self.timeout, global_ranks=self.global_ranks, device_adapters=_device_adapters
+            store,
+            rank,
+            size,
+            self._records,
+            name=name,
+            timeout=self.timeout,
+            global_ranks=self.global_ranks,
+            device_adapters=_device_adapters,
+            title=self.title,
         )
         self._adapters = self._transports if isinstance(self._transports, AdapterSet) else None
         self._hetero: Optional[HeteroAdapter] = self._transports if self._adapters is None else None  # type: ignore[assignment]
@@ -123,6 +134,16 @@ class Communicator:
         secs = config.resolve_timeout(_seconds(timeout))
         store = dist.PrefixStore(f"{name}/", store_from_env(secs))
         return cls(store, env.rank, env.size, timeout=secs, name=name)
+
+    def retitle(self, title: str) -> None:
+        """Name this group ``title`` in every message from now on (a frontend learns the name its user gave the group)."""
+        self.title = title
+        if self._adapters is not None:
+            self._adapters.retitle(title)
+        if self._hetero is not None:
+            self._hetero.ctx.title = title
+        if self._check is not None:
+            self._check.title = title
 
     # ------------------------------------------------------------------ adapters and calls
     def adapter_name(self, device: Union[str, torch.device] = "cpu") -> str:
@@ -168,7 +189,7 @@ class Communicator:
 
     def _open(self, op: str) -> None:
         if self._closed is not None:
-            raise CommAborted(f"communicator {self.name} is {self._closed}; create a new one", op=op, rank=self.rank)
+            raise CommAborted(f"{self.title} is {self._closed}; create a new one", op=op, rank=self.rank)
 
     def _host_allgather(self, op: str, mine: torch.Tensor) -> torch.Tensor:
         """Every rank's ``mine`` (a small CPU tensor), in rank order, over the host transport (FLAGCX_CHECK's exchanges)."""

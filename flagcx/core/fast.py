@@ -164,6 +164,8 @@ class FastPath:
             if not (kind == "broadcast" or (rooted and rank != root)):
                 return False
             m = n if kind == "broadcast" else 0
+        elif kind in _ROOTED_BLOCKS and isinstance(whole, (list, tuple)):
+            return self._block_list(kind, adapter, ordered, mine, whole, n, root)
         else:
             if kind == "broadcast" or not _dense(whole):
                 return False
@@ -200,6 +202,32 @@ class FastPath:
             raise
         if rec is not None:
             rec.done = i + 1
+        return True
+
+    def _block_list(self, kind: str, adapter: Adapter, ordered: bool, mine: torch.Tensor, blocks: list | tuple, n: int, root: object) -> bool:
+        """gather into / scatter from the root's tensor list (torch's form) where the adapter takes each block at its own address.
+
+        Eligible besides movement()'s rules: ``size`` dense tensors of mine's dtype, device
+        and numel, each apart from ``mine``, or the root's own block at mine's very address.
+        """
+        if not adapter.capabilities.block_lists or len(blocks) != self.size:
+            return False
+        dtype, device, rank = mine.dtype, mine.device, self.rank
+        for j, t in enumerate(blocks):
+            if (
+                not _dense(t)
+                or t.numel() != n
+                or t.dtype != dtype
+                or t.device != device
+                or not (_apart(t, mine) or (j == rank and t.data_ptr() == mine.data_ptr()))
+            ):
+                return False
+        whole = n * self.size
+        i = self._begin(kind, whole if kind == "scatter" else n, n if kind == "scatter" else whole, dtype, ordered) if self.recorder is not None else 0
+        if kind == "gather":
+            self._recorded(i, lambda: adapter.gather_list(mine, blocks, root).wait())  # type: ignore[arg-type]
+        else:
+            self._recorded(i, lambda: adapter.scatter_list(blocks, mine, root).wait())  # type: ignore[arg-type]
         return True
 
     def _recorded(self, i: int, call: Callable[[], object]) -> None:

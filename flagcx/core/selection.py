@@ -118,6 +118,7 @@ class AdapterSet(Mapping[str, Adapter]):
         global_ranks: Sequence[int],
         cpu_adapter: Optional[str] = None,
         device_adapters: Optional[Mapping[str, Adapter]] = None,
+        title: str = "",
     ) -> None:
         self.store = store
         self.rank = rank
@@ -126,6 +127,8 @@ class AdapterSet(Mapping[str, Adapter]):
         self.name = name
         self.timeout = timeout
         self.global_ranks = list(global_ranks)
+        self.title = title
+        """The group as its user knows it (:attr:`AdapterContext.title`)."""
         self._seq = 0
         self._adapters: dict[str, Adapter] = {}
         self._adapters["cpu"] = create(resolve_cpu(self.records, rank, cpu_adapter), self.context("cpu", _CPU), "init")
@@ -153,7 +156,14 @@ class AdapterSet(Mapping[str, Adapter]):
             device=device,
             label=self.name,
             global_ranks=self.global_ranks,
+            title=self.title,
         )
+
+    def retitle(self, title: str) -> None:
+        """Name the group ``title`` in the messages of every adapter, present and future."""
+        self.title = title
+        for adapter in self._adapters.values():
+            adapter.ctx.title = title
 
     def adapter(self, device: torch.device, op: str) -> Adapter:
         """The adapter for ``device``'s tensors, created on first use (every rank reaches the same op)."""

@@ -36,6 +36,7 @@ def open_transports(
     timeout: float,
     global_ranks: Sequence[int],
     device_adapters: Optional[Mapping[str, Adapter]] = None,
+    title: str = "",
 ) -> tuple[list[RankRecord], list[Cluster], Transports]:
     """(topology, clusters, transports) of the ranks with ``records``; every rank raises alike on a bad cluster layout."""
     topology = [r.topo for r in records]
@@ -44,11 +45,19 @@ def open_transports(
     except ValueError as exc:
         raise InvalidArgument(str(exc), op="init", rank=rank) from None
     if len(clusters) > 1:
-        ctx = AdapterContext(dist.PrefixStore("hetero/", store), rank, size, timeout, torch.device("cpu"), name, list(global_ranks))
+        ctx = AdapterContext(dist.PrefixStore("hetero/", store), rank, size, timeout, torch.device("cpu"), name, list(global_ranks), title)
         from ..hetero import HeteroAdapter  # loaded only by jobs whose ranks form several clusters
 
         return topology, clusters, HeteroAdapter(ctx, records, clusters, AdapterSet)
     adapters = AdapterSet(
-        dist.PrefixStore("adapters/", store), rank, size, records, name=name, timeout=timeout, global_ranks=global_ranks, device_adapters=device_adapters
+        dist.PrefixStore("adapters/", store),
+        rank,
+        size,
+        records,
+        name=name,
+        timeout=timeout,
+        global_ranks=global_ranks,
+        device_adapters=device_adapters,
+        title=title,
     )
     return topology, clusters, adapters

@@ -10,6 +10,7 @@ ProcessGroup every tensor whatever the backend string says.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import time
 from collections.abc import Sequence
@@ -135,6 +136,7 @@ class ProcessGroupFlagcx(dist.ProcessGroup):
         self._group_desc = desc
         if self.comm.recorder is not None:
             self.comm.recorder.desc = desc or "undefined"
+        self.comm.retitle(group_title(self.comm.global_ranks, desc))
 
     @property
     def group_name(self) -> str:
@@ -361,6 +363,29 @@ def _drain_torch_groups() -> None:
     time.sleep(DRAIN_SECONDS)
 
 
+def _drain_at_exit() -> None:
+    """At interpreter exit, the destroy path's drain for a flagcx world the user did not destroy (see _drain_torch_groups)."""
+    if dist.is_initialized() and isinstance(dist.distributed_c10d._world.default_pg, ProcessGroupFlagcx):
+        _drain_torch_groups()
+
+
+def _rank_list(ranks: Sequence[int]) -> str:
+    """``ranks 0-7``, ``ranks 0, 2, 4``, ``ranks 0, 1, 2, 3, 5, 6, 7, 8, ... (16 ranks)``."""
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[0] + len(ranks))):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    shown = ", ".join(map(str, ranks[:8]))
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}" + (f", ... ({len(ranks)} ranks)" if len(ranks) > 8 else "")
+
+
+def group_title(global_ranks: Sequence[int], desc: str = "") -> str:
+    """How a torch user knows a group: the default group, ``group 'tp' (ranks 0-3)``, ``the group of ranks 0, 2``."""
+    if desc == "default_pg":
+        return "the default group"
+    if desc and desc != "undefined":
+        return f"group {desc!r} ({_rank_list(global_ranks)})"
+    return f"the group of {_rank_list(global_ranks)}"
+
+
 def _split_parent(global_ranks: list[int]) -> Optional[tuple[Communicator, str]]:
     """The default group's communicator and device type when a new group must be split from it.
 
@@ -396,6 +421,7 @@ def _create_process_group(opts: Any, backend_options: Any = None) -> ProcessGrou
         timeout=opts.timeout,
         name=str(opts.group_id) or "default",
         global_ranks=global_ranks or None,
+        title=group_title(global_ranks or range(opts.group_size)),
         _device_adapters=devices,
     )
     return ProcessGroupFlagcx(comm)
@@ -427,6 +453,7 @@ def register() -> None:
         return
     unclaimed = [d for d in DEVICES if d not in dist.Backend.default_device_backend_map]
     dist.Backend.register_backend(BACKEND_NAME, _create_process_group, extended_api=True, devices=DEVICES)
+    atexit.register(_drain_at_exit)
     # flagcx is chosen by name only: it never becomes a device type's implicit default, so a
     # vendor's extension imported later (torch_npu -> hccl for npu) still claims its device.
     for device in unclaimed:

@@ -98,7 +98,7 @@ class HeteroAdapter(Adapter):
     # ------------------------------------------------------------------ init agreement
     def _allgather_json(self, value: dict, key: str) -> list[dict]:
         raw = store_allgather(
-            self.ctx.store, key, self.rank, self.size, json.dumps(value).encode(), self.ctx.timeout, f"heterogeneous init of {self.ctx.label}"
+            self.ctx.store, key, self.rank, self.size, json.dumps(value).encode(), self.ctx.timeout, f"heterogeneous init of {self.ctx.where}"
         )
         return [json.loads(r) for r in raw]
 

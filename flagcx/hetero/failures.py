@@ -79,11 +79,12 @@ def in_comm_text(adapter: HeteroAdapter, exc: FlagcxError) -> str:
 
     text = _RANK_WORDS.sub(rename, exc.detail)
     if lane.startswith(label + "."):
-        named = f"{label} ({lane[len(label) + 1 :]})"
-        text = text.replace(lane, named) if lane in text else f"{named}: {text}"
+        named = f"{adapter.ctx.where} ({lane[len(label) + 1 :]})"
+        old = next((o for o in (f"communicator {lane}", lane) if o in text), None)
+        text = text.replace(old, named) if old else f"{named}: {text}"
     missing = [mapping[r] for r in mapping if r not in seen]
     if missing:
-        text += f" [in {label}: {', '.join(rank_name(adapter, p) for p in missing)}]"
+        text += f" [in {adapter.ctx.where}: {', '.join(rank_name(adapter, p) for p in missing)}]"
     return text
 
 
@@ -140,7 +141,7 @@ def refuse_capture(adapter: HeteroAdapter, op: str) -> None:
     """A heterogeneous op completes on the host before it returns, so a CUDA graph cannot hold it."""
     if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         raise NotSupported(
-            f"{op} on heterogeneous communicator {adapter.ctx.label} cannot be captured in a CUDA graph: it moves data "
+            f"{op} on {adapter.ctx.where} (heterogeneous) cannot be captured in a CUDA graph: it moves data "
             "through host memory and completes on the host before it returns; call it outside the capture "
             "(or capture only the device clusters' own communicators)",
             op=op,

@@ -13,12 +13,12 @@ from ..helpers.reference import assert_equal
 
 
 def _mismatch(comm: Communicator, call_on, words: list[str]) -> None:
-    """Every rank runs ``call_on(rank)``; each must raise InvalidArgument naming every rank's call."""
+    """Every rank runs ``call_on(rank)``; each must raise InvalidArgument naming the group, both calls and the fix (the shm transport's style)."""
     try:
         call_on(comm.rank)
     except InvalidArgument as exc:
         text = str(exc)
-        for w in words + [f"rank {r}:" for r in range(comm.size)]:
+        for w in words + [f"(rank {comm.rank}): communicator check: ", " while this rank called #", "; every rank must call the same collectives"]:
             assert w in text, f"{text!r} lacks {w!r}"
     else:
         raise AssertionError("a mismatched collective was not detected")

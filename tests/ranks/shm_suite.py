@@ -426,6 +426,26 @@ def _fast_paths(comm: Communicator, dtype: torch.dtype) -> None:
             mine = torch.empty(k, dtype=dtype)
             comm.scatter(mine, None, root)
             assert_equal(mine, big[root][r * k : (r + 1) * k], f"scatter {k} root {root} (in place on the root)")
+        if r == root:  # torch's list forms: each block at its own address (the root's own block may be mine itself)
+            blocks = [torch.full((k,), 9, dtype=dtype) for _ in range(n)]
+            comm.gather(xs[r], blocks, root)
+            assert_equal(torch.cat(blocks), torch.cat(xs), f"gather into a list {k} root {root}")
+            blocks[r] = mine = xs[r].clone()
+            comm.gather(mine, blocks, root)
+            assert_equal(torch.cat(blocks), torch.cat(xs), f"gather into a list, own block in place {k} root {root}")
+            parts = list(big[root].clone().split(k))
+            s = torch.empty(k, dtype=dtype)
+            comm.scatter(s, parts, root)
+            comm.scatter(parts[r], parts, root)
+            assert_equal(s, big[root][r * k : (r + 1) * k], f"scatter from a list {k} root {root}")
+            assert_equal(torch.cat(parts), big[root], f"scatter from a list, own block in place {k} root {root}")
+        else:
+            comm.gather(xs[r], None, root)
+            comm.gather(xs[r], None, root)
+            s = torch.empty(k, dtype=dtype)
+            comm.scatter(s, None, root)
+            comm.scatter(s, None, root)
+            assert_equal(s, big[root][r * k : (r + 1) * k], f"scatter from a list {k} root {root}")
         got = torch.empty(k, dtype=dtype)
         nxt, prv = (r + 1) % n, (r - 1) % n
         if r % 2 == 0:
@@ -437,6 +457,15 @@ def _fast_paths(comm: Communicator, dtype: torch.dtype) -> None:
         assert_equal(got, xs[prv], f"send/recv {k}")
 
     calls(5, 0)  # the ordinary path fills the fast path's cache
+    x, blocks = torch.ones(3, dtype=dtype), [torch.empty(3, dtype=dtype) for _ in range(n)]
+    for kind, bad in (
+        ("scatter", blocks[:-1]),  # one block short
+        ("scatter", [*blocks[:-1], torch.empty(4, dtype=dtype)]),  # a block of another size
+        ("gather", [torch.empty(3, dtype=torch.int16 if dtype == torch.int8 else torch.int8), *blocks[1:]]),  # another dtype
+        ("scatter", [x] * n),  # other ranks' blocks at mine's address: the ordinary path stages them
+    ):
+        if r == 0:  # the root's list decides (off the root the fast path would run the call)
+            assert not comm._fast.movement(kind, x, bad, 0), f"{kind} took the fast path with {[(t.dtype, t.numel()) for t in bad]}"
     comm._call = refuse  # type: ignore[method-assign]  # this instance only
     try:
         for k in (1, 7, 1031):
@@ -500,7 +529,8 @@ def _mismatched_calls(rank: int, size: int) -> None:
                 comm.all_gather(torch.empty(100 * size), torch.ones(100))
         except InvalidArgument as exc:
             text = str(exc)
-            assert ("rank 0 called allreduce(100 x float32, sum)" in text) if rank else ("called allgather(400 bytes)" in text), text
+            assert ("rank 0 called all_reduce(float32[100], sum)" in text) if rank else ("called all_gather(400 bytes)" in text), text
+            assert "communicator shm-mismatch: " in text and "; every rank must call the same collectives" in text, text
         else:
             raise AssertionError("mismatched collectives were not detected")
         try:
@@ -522,7 +552,7 @@ def _alltoall_in_place_on_some(rank: int, size: int) -> None:
             comm.all_to_all(data, data) if rank == 0 else comm.all_to_all(torch.empty_like(data), data)
         except InvalidArgument as exc:
             text = str(exc)
-            theirs = "rank 0 called alltoall(32 bytes, in place)" if rank else "called alltoall(32 bytes)"
+            theirs = "rank 0 called all_to_all(32 bytes, in place)" if rank else "called all_to_all(32 bytes)"
             assert theirs in text and "in place on every rank or on none" in text, text
         else:
             raise AssertionError("an all_to_all in place on one rank only was not detected")

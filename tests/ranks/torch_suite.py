@@ -300,7 +300,27 @@ def torch_ops(rank: int, size: int) -> Iterable[Check]:
     yield "identity", lambda: _identity(groups)
     for g in groups:
         yield from op_checks(g)
+    yield "groups_named_in_messages", lambda: _groups_named_in_messages(rank, size)
     yield "destroy", dist.destroy_process_group
+
+
+def _groups_named_in_messages(rank: int, size: int) -> None:
+    """A mismatch names the group as its user knows it (and breaks only that group): by its group_desc, else by its ranks."""
+    from flagcx.frontends.process_group import communicator_of
+
+    assert communicator_of(dist.group.WORLD).title == "the default group"
+    every = list(range(size))
+    for desc, title in (
+        ("tp", f"group 'tp' (ranks 0{'-' if size > 2 else ', '}{size - 1})"),
+        (None, f"the group of ranks 0{'-' if size > 2 else ', '}{size - 1}"),
+    ):
+        pg = dist.new_group(every, backend="flagcx", group_desc=desc)
+        theirs = "all_reduce(float32[5], sum)" if rank == 0 else "all_reduce(float32[4], sum)"
+        _expect_flagcx_error(
+            lambda: dist.all_reduce(torch.ones(5 if rank else 4), group=pg),
+            f"all_reduce (rank {rank}): {title}: rank",
+            f"called {theirs} while this rank called",
+        )
 
 
 def _identity(groups: list[Group]) -> None:

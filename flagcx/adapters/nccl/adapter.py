@@ -95,7 +95,7 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
     def __init__(self, ctx: AdapterContext) -> None:
         super().__init__(ctx)
         lib = nccl_lib.load()
-        what = f"NCCL init of {ctx.label}"
+        what = f"NCCL init of {ctx.where}"
         mine = b""
         if ctx.rank == 0:
             try:
@@ -111,7 +111,7 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
         if cuda:
             index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
             with torch.cuda.device(index):
-                comm = lib.comm_init_rank(ctx.size, uid, ctx.rank, hint=f"communicator {ctx.label}, cuda:{index}")
+                comm = lib.comm_init_rank(ctx.size, uid, ctx.rank, hint=f"{ctx.where}, cuda:{index}")
         else:
             index = 0
             reason = "torch sees no usable CUDA device or driver (torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU and driver"
@@ -177,12 +177,12 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
         """The NCCL communicator; raises the watchdog's error, or CommAborted, once it is gone."""
         comm = self._ncomm
         if comm is None:
-            raise self._failed or CommAborted(f"the NCCL communicator of {self.ctx.label} was aborted or destroyed; create a new one", rank=self.rank)
+            raise self._failed or CommAborted(f"the NCCL communicator of {self.ctx.where} was aborted or destroyed; create a new one", rank=self.rank)
         return comm
 
     # ------------------------------------------------------------------ errors
     def _error(self, rc: int, call: str, op: str) -> FlagcxError:
-        return self._lib.error(rc, call, self._ncomm, op=op, rank=self.rank, hint=f"communicator {self.ctx.label}")
+        return self._lib.error(rc, call, self._ncomm, op=op, rank=self.rank, hint=f"{self.ctx.where}")
 
     def check_async_error(self) -> None:
         """Raise the error NCCL reports for this communicator's in-flight work (ncclCommGetAsyncError), if any."""
@@ -378,7 +378,7 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
             if time.monotonic() > deadline:
                 peers = self._peers.explain("timed out") if self._watched else ""
                 exc = FlagcxTimeout(
-                    f"not finished on the device after {self.ctx.timeout:g} s on {self.ctx.label} ({peers or 'a peer did not arrive'}); "
+                    f"not finished on the device after {self.ctx.timeout:g} s on {self.ctx.where} ({peers or 'a peer did not arrive'}); "
                     "the communicator was aborted: create a new one",
                     op=op,
                     rank=self.rank,
@@ -472,7 +472,7 @@ class NcclAdapter(QueuedP2P, WatchedLaunches, Adapter):
     def _discard_pending(self, why: str) -> None:
         if self._pending:
             log.warning("%s: %d queued send/recv dropped (communicator %s before they were launched)", self.ctx.label, len(self._pending), why)
-            self._batch.error = CommAborted(f"communicator {self.ctx.label} was {why} before this send/recv was launched", op="send/recv", rank=self.rank)
+            self._batch.error = CommAborted(f"{self.ctx.where} was {why} before this send/recv was launched", op="send/recv", rank=self.rank)
             self._pending = []
             self._batch = P2PBatch()
 

@@ -69,7 +69,7 @@ class IpcAllreduce:
         self.signals = torch.zeros(self.size, dtype=torch.int32, device=dev)
         self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
         mine = pickle.dumps((self.data.untyped_storage()._share_cuda_(), self.signals.untyped_storage()._share_cuda_()))
-        every = [pickle.loads(b) for b in store_allgather(ctx.store, "ipc", self.rank, self.size, mine, ctx.timeout, f"mapping peer buffers of {ctx.label}")]
+        every = [pickle.loads(b) for b in store_allgather(ctx.store, "ipc", self.rank, self.size, mine, ctx.timeout, f"mapping peer buffers of {ctx.where}")]
         self._mapped: list[Any] = []  # keeps the peers' storages open
         data_ptrs, sig_ptrs = [], []
         for r, (data_handle, sig_handle) in enumerate(every):

@@ -41,7 +41,7 @@ class WatchedLaunches:
 
     @property
     def watch_label(self) -> str:
-        return self.ctx.label
+        return self.ctx.where
 
     def _track(self, op: str) -> None:
         """Record the launch just enqueued on the current stream (nothing inside a group or a graph capture).
