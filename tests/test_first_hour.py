@@ -89,7 +89,12 @@ def test_ctrl_c_while_the_launcher_imports_torch_prints_one_line(tmp_path):
     """Before any rank: ``python -m flagcx.launch`` spends seconds importing torch (its package's first import)."""
     (tmp_path / "ok.py").write_text("print('ran')\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "ok.py"], cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "ok.py"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job inherits SIGINT ignored: Python would keep it so
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # torch's import has begun once its library is mapped
