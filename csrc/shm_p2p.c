@@ -274,10 +274,14 @@ static int progress_pass(fxs_comm *c) {
 
 /* Whether posted ops need progress while nobody waits (plock held): a send still writing, a
  * message half read, or a recv larger than the ring (its sender stalls until it drains). A
- * recv whose message fits the ring does not: the message waits there for fxs_op_wait. */
+ * recv whose message fits the ring does not: the message waits there for fxs_op_wait; nor
+ * does an announced single-copy send with nothing queued behind it: the receiver reads it,
+ * and a wait or a poll sees the ack. */
 static int needs_thread(fxs_comm *c) {
-    for (int p = 0; p < c->n; p++)
-        if (c->sq_head[p] || c->cur[p]) return 1;
+    for (int p = 0; p < c->n; p++) {
+        const fxs_op *s = c->sq_head[p];
+        if ((s && !(s->ticket && !s->next)) || c->cur[p]) return 1;
+    }
     for (fxs_op *op = c->rq_head; op; op = op->next)
         if (op->len + 8 > c->chan_bytes) return 1;
     pthread_mutex_lock(&c->lock);

@@ -68,6 +68,7 @@ def shm_checks(rank: int, size: int) -> Iterable[Check]:
         staged = Communicator.from_env(name="shm-staged")
     yield "shm/single_copy/setup", lambda: _single_copy_setup(single, staged)
     yield "shm/single_copy/movement", lambda: _boundary_movement(single)
+    yield "shm/single_copy/allgather_floor", lambda: _allgather_floor(single)
     yield "shm/single_copy/p2p_ordered", lambda: _p2p_ordered(single)
     yield "shm/single_copy/fast_path", lambda: _fast_paths(single, torch.float32)
     yield "shm/single_copy/p2p_with_collectives", lambda: _p2p_with_collectives(single)
@@ -474,6 +475,20 @@ def _fast_paths(comm: Communicator, dtype: torch.dtype) -> None:
     finally:
         del comm._call
     comm.barrier()
+
+
+def _allgather_floor(comm: Communicator) -> None:
+    """all_gather goes single copy from 1 MiB blocks only (below, through the segment): byte-exact on both sides of that floor."""
+    n, r = comm.size, comm.rank
+    for nb in ((1 << 20) - 1, 1 << 20, (1 << 20) + 13):
+        want = torch.cat([make("ag/floor", p, nb, torch.uint8) for p in range(n)])
+        out = torch.empty(nb * n, dtype=torch.uint8)
+        comm.all_gather(out, make("ag/floor", r, nb, torch.uint8))
+        assert_equal(out, want, f"all_gather {nb} B per rank")
+        out = torch.zeros(nb * n, dtype=torch.uint8)
+        out[r * nb : (r + 1) * nb] = want[r * nb : (r + 1) * nb]
+        comm.all_gather(out, out[r * nb : (r + 1) * nb])
+        assert_equal(out, want, f"all_gather in place {nb} B per rank")
 
 
 def _single_copy_setup(single: Communicator, staged: Communicator) -> None:
