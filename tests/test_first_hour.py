@@ -64,16 +64,22 @@ def test_a_rank_killed_by_a_signal_is_named(tmp_path):
     assert out.returncode == 1 and "was killed by SIGABRT" in out.stderr, out.stderr
 
 
-def test_ctrl_c_while_ranks_start_prints_one_line(tmp_path):
-    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "slow.py"],
+def _launcher(tmp_path: Path, script: str) -> subprocess.Popen:
+    """``python -m flagcx.launch --nproc 2 script`` in its own session, SIGINT at its default (a background job inherits it ignored)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flagcx.launch", "--nproc", "2", script],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def test_ctrl_c_while_ranks_start_prints_one_line(tmp_path):
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    proc = _launcher(tmp_path, "slow.py")
     deadline = time.monotonic() + 60
     while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:  # the launcher has started its ranks...
         time.sleep(0.01)
@@ -88,14 +94,7 @@ def test_ctrl_c_while_ranks_start_prints_one_line(tmp_path):
 def test_ctrl_c_while_the_launcher_imports_torch_prints_one_line(tmp_path):
     """Before any rank: ``python -m flagcx.launch`` spends seconds importing torch (its package's first import)."""
     (tmp_path / "ok.py").write_text("print('ran')\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flagcx.launch", "--nproc", "2", "ok.py"],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job inherits SIGINT ignored: Python would keep it so
-    )
+    proc = _launcher(tmp_path, "ok.py")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # torch's import has begun once its library is mapped
         try:
