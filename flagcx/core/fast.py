@@ -5,7 +5,8 @@ computed as called (no emulation, no dtype mapping, no copies), or a data moveme
 send / recv on a device whose adapter ran that kind before, skips the argument objects,
 the Call and the Work: about 1-2 us above the adapter on the CPU. The eligibility rules
 are written once per family (:meth:`FastPath.reduction`, :meth:`FastPath.movement`,
-:meth:`FastPath.p2p`); any call that fails them takes the ordinary path, which gives the
+which also hands the root's tensor list of gather / scatter to adapters with
+``block_lists``, :meth:`FastPath.p2p`); any call that fails them takes the ordinary path, which gives the
 same result or the error. Adapters with ``typed_moves`` get the caller's tensors as they
 are (a uint8 view costs ~1 us). The flight recorder's entry is written inline here (one
 tuple of counts, dtype and a clock reading: about 0.1 us).
