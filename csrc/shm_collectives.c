@@ -367,10 +367,11 @@ int fxs_reducescatter(fxs_comm *c, uintptr_t send_, uintptr_t recv_, uint64_t co
 /* Whether a move of `bytes` per block goes single copy (the same verdict on every rank: cma_min is agreed). */
 static inline int single_copy(fxs_comm *c, uint64_t bytes) { return c->n > 1 && c->cma_min && bytes >= c->cma_min; }
 
-/* allgather's blocks go single copy from this size at least: below it, one copy into the
- * segment and every rank's copies out of it beat one read per peer (2-core VM, 2 ranks,
- * 2026-12-08: 128-512 KiB blocks 10-40% faster through the segment; 1 MiB and up, slower). */
-#define ALLGATHER_SINGLE_COPY_FLOOR (1ULL << 20)
+/* allgather's blocks go single copy from this size at least (every rank decides alike, in
+ * place or not). 2-core VM, 2 ranks, 2026-12-08, against the segment: 64-128 KiB blocks
+ * 0.63-0.70x out of place (in place about even); 256-512 KiB blocks 1.00-1.03x out of
+ * place, 1.41-2.27x in place. */
+#define ALLGATHER_SINGLE_COPY_FLOOR (256ULL << 10)
 
 /* Single-copy step: publish `mine` (the address peers read from), wait until every rank has; the
  * caller then reads the peers' blocks with read_peer and ends with exchange(c, -1, 0), after which

@@ -48,7 +48,7 @@ DEFAULT_SHM_P2P_BUFFER = 1 << 20
 SHM_P2P_BUDGET = 4 << 20
 """FLAGCX_SHM_P2P_BUFFER unset: ring bytes per rank over all its peers; rings shrink (to 16 KiB at least) for large groups."""
 DEFAULT_SHM_SINGLE_COPY = 64 << 10
-"""FLAGCX_SHM_SINGLE_COPY unset: messages (send/recv) and blocks (alltoall; allgather from 1 MiB at least) from this many bytes are read straight out of the peer's memory."""
+"""FLAGCX_SHM_SINGLE_COPY unset: messages (send/recv) and blocks (alltoall; allgather from 256 KiB at least) from this many bytes are read straight out of the peer's memory."""
 
 DEFAULT_TRACE_BUFFER = 2000
 """FLAGCX_TRACE_BUFFER unset: calls each communicator's flight recorder keeps (torch's recorder keeps 2000 too)."""
@@ -126,7 +126,7 @@ class Config:
     shm_p2p_buffer: int | None = None
     """FLAGCX_SHM_P2P_BUFFER: ring bytes per ordered pair of ranks for shm send/recv (suffix K/M/G allowed); DEFAULT_SHM_P2P_BUFFER, less beyond 5 ranks (SHM_P2P_BUDGET)."""
     shm_single_copy: int = DEFAULT_SHM_SINGLE_COPY
-    """FLAGCX_SHM_SINGLE_COPY: from this many bytes per message or block, shm send/recv and alltoall (allgather: from 1 MiB at least) read the data straight out of the peer's memory (cross-memory attach: one copy instead of two through the segment; used only where every rank may read every other's memory); 0 or off: never."""
+    """FLAGCX_SHM_SINGLE_COPY: from this many bytes per message or block, shm send/recv and alltoall (allgather: from 256 KiB at least) read the data straight out of the peer's memory (cross-memory attach: one copy instead of two through the segment; used only where every rank may read every other's memory); 0 or off: never."""
     socket_ifname: str | None = None
     """FLAGCX_SOCKET_IFNAME: network interface of the inter-host transport (Gloo) and of the mpiexec rendezvous address, NCCL syntax: comma-separated name prefixes, ``=`` first for exact names, ``^`` first to exclude; the first matching interface with an IPv4 address is used."""
     vendor_backends: tuple[tuple[str, str], ...] = ()

@@ -14,8 +14,8 @@ they can (at post, or while it waits); a progress thread in C advances what nobo
 up per step) are split over FLAGCX_SHM_THREADS threads per rank (default: the rank's
 share of 3/4 of the cpus it may run on, at most 8; staging grows to 4 MiB per rank then), since
 one core's memory bandwidth is a fraction of a many-core host's. From FLAGCX_SHM_SINGLE_COPY
-bytes per message or block (default 64 KiB), send/recv and alltoall (allgather from 1 MiB
-at least) read the data straight out of the peer's memory (process_vm_readv: one copy
+bytes per message or block (default 64 KiB), send/recv and alltoall (allgather from
+256 KiB at least) read the data straight out of the peer's memory (process_vm_readv: one copy
 instead of two through the segment), where every rank may (probed at init; else the
 segment carries everything). gather and scatter also take the root's blocks as a tensor
 list, each at its own address (torch's list forms without a staging copy).

@@ -478,9 +478,9 @@ def _fast_paths(comm: Communicator, dtype: torch.dtype) -> None:
 
 
 def _allgather_floor(comm: Communicator) -> None:
-    """all_gather goes single copy from 1 MiB blocks only (below, through the segment): byte-exact on both sides of that floor."""
+    """all_gather goes single copy from 256 KiB blocks only (below, through the segment): byte-exact on both sides of that floor."""
     n, r = comm.size, comm.rank
-    for nb in ((1 << 20) - 1, 1 << 20, (1 << 20) + 13):
+    for nb in ((256 << 10) - 1, 256 << 10, (256 << 10) + 13):
         want = torch.cat([make("ag/floor", p, nb, torch.uint8) for p in range(n)])
         out = torch.empty(nb * n, dtype=torch.uint8)
         comm.all_gather(out, make("ag/floor", r, nb, torch.uint8))
