@@ -90,30 +90,34 @@ def pages(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def _strip_comment(line: str) -> str:
-    """``line`` without a trailing ``# comment`` outside quotes."""
+def _scan(text: str) -> tuple[bool, int]:
+    """(whether a quote is still open at the end of ``text``, where its first ``# comment`` outside quotes starts or -1)."""
     quote = ""
-    for i, ch in enumerate(line):
+    for i, ch in enumerate(text):
         if quote:
             quote = "" if ch == quote else quote
         elif ch in "'\"":
             quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
-            return line[:i].rstrip()
-    return line.rstrip()
+        elif ch == "#" and (i == 0 or text[i - 1].isspace()):
+            return False, i
+    return bool(quote), -1
 
 
 def _joined(lines: list[str]) -> list[str]:
-    """Shell lines with ``\\`` continuations and open quotes joined into whole commands."""
+    """Shell lines with ``\\`` continuations and open quotes joined into whole commands, ``# comments`` dropped."""
     out: list[str] = []
     pending = ""
     for raw in lines:
-        line = raw if pending and _open_quote(pending) else _strip_comment(raw)
-        pending = f"{pending}\n{line}" if pending and _open_quote(pending) else f"{pending} {line.strip()}" if pending else line.strip()
+        if pending and _scan(pending)[0]:  # inside a quoted string: the line as it is
+            pending = f"{pending}\n{raw}"
+        else:
+            at = _scan(raw)[1]
+            line = (raw[:at] if at >= 0 else raw).strip()
+            pending = f"{pending} {line}" if pending else line
         if pending.endswith("\\"):
             pending = pending[:-1].rstrip()
             continue
-        if _open_quote(pending):
+        if _scan(pending)[0]:
             continue
         if pending:
             out.append(pending)
@@ -121,16 +125,6 @@ def _joined(lines: list[str]) -> list[str]:
     if pending:
         out.append(pending)
     return out
-
-
-def _open_quote(text: str) -> bool:
-    quote = ""
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-    return bool(quote)
 
 
 def _steps(page: str, line: int, command: str) -> list[Step]:
